@@ -1,0 +1,3 @@
+from gym_collect.cli import main
+
+main()

@@ -1,0 +1,144 @@
+"""The Hydra entry point of `collect_rollouts`; the only module that sees a `DictConfig`.
+
+Before Hydra parses the command line, every override is checked against the schema: a misspelled key is an
+error naming it and the closest valid key (NeMo Gym silently ignores it), and NeMo Gym's `+key=value`
+spelling is accepted for every key (rewritten to Hydra's add-or-override `++key=value`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import re
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from gym_collect.collect import collect
+from gym_collect.config import CollectConfig, config_keys, open_keys
+from gym_collect.errors import ConfigError, GymCollectError
+
+log = logging.getLogger("gym_collect")
+
+CONFIG_NAME = "collect_rollouts"
+HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                          "--config-dir", "-cd", "--experimental-rerun"}
+OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<rest>=.*)?$", re.DOTALL)
+REDACTED = "<redacted>"
+T = TypeVar("T")
+
+ConfigStore.instance().store(name=CONFIG_NAME, node=CollectConfig)
+
+
+def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> list[str]:
+    """Check each `key=value` override against the schema and accept NeMo Gym's `+key=value`.
+
+    Returns the arguments with `+key` rewritten to `++key`; Hydra flags and `hydra.*` keys pass through.
+    Raises `ConfigError` naming an unknown key and the closest valid one.
+    """
+    valid = config_keys(schema)
+    open_ = open_keys(schema)
+    out: list[str] = []
+    skip_next = False
+    for arg in args:
+        if skip_next or arg.startswith("-"):
+            skip_next = arg in HYDRA_FLAGS_WITH_VALUE
+            out.append(arg)
+            continue
+        match = OVERRIDE.match(arg)
+        if match is None:
+            out.append(arg)
+            continue
+        key = match["key"]
+        top = key.split(".", 1)[0]
+        if top != "hydra" and key not in valid and top not in open_:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
+            raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
+        if match["prefix"] == "+":
+            arg = "++" + arg[1:]
+        out.append(arg)
+    return out
+
+
+def to_config(cfg: DictConfig) -> CollectConfig:
+    """Convert Hydra's config to the typed schema once, here; raises `ConfigError` on a bad value."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except GymCollectError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, GymCollectError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(f"bad configuration: {exc}") from exc
+    assert isinstance(obj, CollectConfig)
+    return obj
+
+
+def redact_saved_config(cfg: DictConfig) -> None:
+    """Replace literal `headers` values in Hydra's saved `.hydra/*.yaml` with `<redacted>`.
+
+    Interpolations such as `${oc.env:AGENT_TOKEN}` are saved unresolved by Hydra and are left alone.
+    """
+    try:
+        hydra_cfg = HydraConfig.get()
+    except ValueError:
+        return
+    if hydra_cfg.output_subdir is None:
+        return
+    secrets = [v for v in OmegaConf.to_container(cfg.headers, resolve=False).values()  # type: ignore[union-attr]
+               if isinstance(v, str) and v and "${" not in v]
+    if not secrets:
+        return
+    folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
+    for path in folder.glob("*.yaml"):
+        text = path.read_text()
+        redacted = text
+        for secret in secrets:
+            redacted = redacted.replace(secret, REDACTED)
+        if redacted != text:
+            path.write_text(redacted)
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    runner: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
+    return runner(coro)
+
+
+def _task(cfg: DictConfig) -> None:
+    redact_saved_config(cfg)
+    try:
+        result = run_async(collect(to_config(cfg), handle_signals=True))
+    except GymCollectError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
+    sys.exit(result.exit_code)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: `collect_rollouts KEY=VALUE ...` (Hydra overrides)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = normalize_overrides(args)
+    except ConfigError as exc:
+        print(f"collect_rollouts: error: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.argv = [sys.argv[0], *args]
+    hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

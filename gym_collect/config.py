@@ -1,0 +1,221 @@
+"""Typed configuration schema: the only place defaults live.
+
+Hydra builds a `CollectConfig` from the command line (`cli.py`); everything past the CLI receives the
+typed object. Validation runs in `__post_init__`, so a bad value fails at start-up, before any request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from gym_collect.errors import ConfigError
+
+RETRYABLE_STATUSES = (408, 425, 429, 500, 502, 503, 504)
+
+
+@dataclass
+class AutoConfig:
+    """Bounds of the adaptive limit used when `num_samples_in_parallel=auto` (requests in flight)."""
+
+    initial: int = 16
+    min: int = 1
+    max: int = 1024
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.initial <= self.max:
+            raise ConfigError(
+                f"auto needs 1 <= auto.min <= auto.initial <= auto.max, got min={self.min}, "
+                f"initial={self.initial}, max={self.max}"
+            )
+
+
+@dataclass
+class TuneConfig:
+    """Settings of `tune_parallelism`: the doubling sweep over `num_samples_in_parallel`."""
+
+    start: int = 8
+    rows_per_step: int = 200
+    min_gain: float = 0.10
+    max_level: int = 1024
+    max_error_rate: float = 0.0
+    recommend_fraction: float = 0.8
+    validate_rows: int = 0
+    report_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.start >= 1, "tune.start", self.start, "an integer >= 1")
+        _require(self.rows_per_step >= 1, "tune.rows_per_step", self.rows_per_step, "an integer >= 1")
+        _require(self.min_gain >= 0, "tune.min_gain", self.min_gain, "a fraction >= 0")
+        _require(self.max_level >= self.start, "tune.max_level", self.max_level, "an integer >= tune.start")
+        _require(0 <= self.max_error_rate < 1, "tune.max_error_rate", self.max_error_rate, "a fraction in [0, 1)")
+        _require(
+            0 < self.recommend_fraction <= 1, "tune.recommend_fraction", self.recommend_fraction, "in (0, 1]"
+        )
+        _require(self.validate_rows >= 0, "tune.validate_rows", self.validate_rows, "an integer >= 0")
+
+
+@dataclass
+class SimSettings:
+    """The built-in simulated agent server, started in-process for every agent name when `enabled`
+    (demos and tuning practice without a GPU backend). See `gym_collect.sim_agent`."""
+
+    enabled: bool = False
+    capacity: int = 64
+    service_time_s: float = 0.05
+    service_sigma: float = 0.5
+    mode: str = "queue"
+
+    def __post_init__(self) -> None:
+        _require(self.capacity >= 1, "sim.capacity", self.capacity, "an integer >= 1")
+        _require(self.service_time_s >= 0, "sim.service_time_s", self.service_time_s, "seconds >= 0")
+        _require(self.mode in ("queue", "gpu", "rate_limited"), "sim.mode", self.mode,
+                 "'queue', 'gpu' or 'rate_limited'")
+
+
+@dataclass
+class CollectConfig:
+    """Everything `collect_rollouts` can be told; see the README's config table for each key's meaning.
+
+    Units are in the names (`_s` seconds). `None` means unset/disabled. Raises `ConfigError` on a value
+    out of range.
+    """
+
+    input_jsonl_fpath: str | None = None
+    output_jsonl_fpath: str | None = None
+
+    agent_name: str | None = None
+    agent_url: str | None = None
+    agents: dict[str, str] = field(default_factory=dict)
+    head_server_url: str = "http://127.0.0.1:11000"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    start_idx: int = 0
+    end_idx: int | None = None
+    limit: int | None = None
+    num_shards: int | None = None
+    shard_id: int | None = None
+    num_repeats: int = 1
+    responses_create_params: dict[str, Any] = field(default_factory=dict)
+
+    num_samples_in_parallel: Any = None
+    auto: AutoConfig = field(default_factory=AutoConfig)
+    global_aiohttp_connector_limit: int = 65536
+    global_aiohttp_connector_limit_per_host: int = 16384
+
+    connect_timeout_s: float | None = 10.0
+    request_timeout_s: float | None = 1800.0
+    max_attempts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    max_failures: int | None = None
+    max_failure_rate: float | None = None
+    min_rollouts_for_failure_rate: int = 50
+
+    resume: bool = False
+    resume_from_cache: bool = False
+    keep_permanent_failures: bool = False
+    overwrite: bool = False
+    on_bad_row: str = "fail"
+    output_order: str = "completion"
+    reorder_window: int | None = None
+    shutdown_grace_s: float = 30.0
+
+    progress: bool = True
+    status_every_s: float = 5.0
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    sim: SimSettings = field(default_factory=SimSettings)
+
+    def __post_init__(self) -> None:
+        self.resume = bool(self.resume or self.resume_from_cache)
+        _require(self.start_idx >= 0, "start_idx", self.start_idx, "an integer >= 0")
+        if self.end_idx is not None and self.end_idx < self.start_idx:
+            raise ConfigError(f"end_idx={self.end_idx} is below start_idx={self.start_idx}: use end_idx >= start_idx")
+        _require(self.limit is None or self.limit >= 0, "limit", self.limit, "an integer >= 0 (or null)")
+        _require(self.num_repeats >= 1, "num_repeats", self.num_repeats, "an integer >= 1")
+        self.num_samples_in_parallel = _parse_parallelism(self.num_samples_in_parallel)
+        _require(self.global_aiohttp_connector_limit >= 1, "global_aiohttp_connector_limit",
+                 self.global_aiohttp_connector_limit, "an integer >= 1")
+        _require(self.global_aiohttp_connector_limit_per_host >= 1, "global_aiohttp_connector_limit_per_host",
+                 self.global_aiohttp_connector_limit_per_host, "an integer >= 1")
+        for name in ("connect_timeout_s", "request_timeout_s"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, value, "seconds > 0 (or null to disable)")
+        _require(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")
+        _require(self.backoff_initial_s >= 0, "backoff_initial_s", self.backoff_initial_s, "seconds >= 0")
+        _require(self.backoff_max_s >= self.backoff_initial_s, "backoff_max_s", self.backoff_max_s,
+                 "seconds >= backoff_initial_s")
+        _require(self.max_failures is None or self.max_failures >= 1, "max_failures", self.max_failures,
+                 "an integer >= 1 (or null)")
+        _require(self.max_failure_rate is None or 0 < self.max_failure_rate <= 1, "max_failure_rate",
+                 self.max_failure_rate, "a fraction in (0, 1] (or null)")
+        _require(self.on_bad_row in ("fail", "skip"), "on_bad_row", self.on_bad_row, "'fail' or 'skip'")
+        _require(self.output_order in ("completion", "input"), "output_order", self.output_order,
+                 "'completion' or 'input'")
+        _require(self.reorder_window is None or self.reorder_window >= 1, "reorder_window", self.reorder_window,
+                 "an integer >= 1 (or null)")
+        _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "seconds >= 0")
+        _require(self.status_every_s > 0, "status_every_s", self.status_every_s, "seconds > 0")
+        if (self.num_shards is None) != (self.shard_id is None):
+            raise ConfigError("num_shards and shard_id go together: pass both (shard_id in [0, num_shards))")
+        if self.num_shards is not None and self.shard_id is not None:
+            _require(self.num_shards >= 1, "num_shards", self.num_shards, "an integer >= 1")
+            _require(0 <= self.shard_id < self.num_shards, "shard_id", self.shard_id,
+                     f"an integer in [0, {self.num_shards})")
+            if self.start_idx != 0 or self.end_idx is not None:
+                raise ConfigError("num_shards/shard_id choose the row range: do not also pass start_idx/end_idx")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume=true and overwrite=true contradict each other: pass only one")
+
+    def require_paths(self) -> tuple[Path, Path]:
+        """The input and output paths; raises `ConfigError` naming whichever is missing."""
+        for name in ("input_jsonl_fpath", "output_jsonl_fpath"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is required: pass {name}=PATH")
+        assert self.input_jsonl_fpath and self.output_jsonl_fpath
+        return Path(self.input_jsonl_fpath), Path(self.output_jsonl_fpath)
+
+    @property
+    def parallelism_limit(self) -> int | None:
+        """The fixed in-flight limit, or None when unset or `auto`."""
+        value = self.num_samples_in_parallel
+        return value if isinstance(value, int) else None
+
+    @property
+    def is_auto(self) -> bool:
+        """True when `num_samples_in_parallel=auto`."""
+        return self.num_samples_in_parallel == "auto"
+
+
+def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
+    """Every valid dotted key of the schema, nested dataclasses included (`tune.start`)."""
+    keys: list[str] = []
+    for f in fields(schema):
+        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        keys.append(prefix + f.name)
+        if hasattr(default, "__dataclass_fields__"):
+            keys.extend(config_keys(type(default), prefix + f.name + "."))
+    return keys
+
+
+def open_keys(schema: type = CollectConfig) -> list[str]:
+    """Keys whose values are free-form mappings: any sub-key is valid (`headers.Authorization`)."""
+    return [f.name for f in fields(schema) if str(f.type).startswith("dict")]
+
+
+def _parse_parallelism(value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"num_samples_in_parallel={value!r} is invalid: use an integer >= 1, 'auto', or null (no limit)"
+        )
+    return value
+
+
+def _require(ok: bool, name: str, value: object, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is invalid: use {expected}")

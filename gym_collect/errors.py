@@ -1,0 +1,78 @@
+"""The exception tree, split by what the caller should do.
+
+    GymCollectError                  root of everything this package raises on purpose
+    ├── ConfigError                  bad or inconsistent settings: abort before any request
+    ├── InputError                   the input file cannot be read or has a bad row: abort (or skip the row)
+    ├── OutputError                  the output cannot be written, or would be overwritten: abort
+    ├── AgentUnavailableError        an agent or the head server cannot be reached at start: abort
+    └── RolloutError                 one rollout attempt failed: retry it or record a failure
+        ├── TransientRolloutError    worth another attempt (connection, timeout, 408/425/429/5xx, bad body)
+        └── PermanentRolloutError    not worth another attempt (other 4xx)
+
+aiohttp exceptions become `RolloutError`s in exactly one place, `gym_collect.client`.
+"""
+
+from __future__ import annotations
+
+
+class GymCollectError(Exception):
+    """Root of the package's exceptions; `exit_code` is what the command exits with."""
+
+    exit_code = 2
+
+
+class ConfigError(GymCollectError):
+    """A setting is missing, unknown or out of range; raised at start-up, before any request."""
+
+
+class InputError(GymCollectError):
+    """The input JSONL cannot be read, or a row is not a JSON object; the message starts with `file:line:`."""
+
+
+class OutputError(GymCollectError):
+    """An output file cannot be written, or exists and neither `resume` nor `overwrite` was given."""
+
+
+class AgentUnavailableError(GymCollectError):
+    """An agent server or the head server did not answer at start-up."""
+
+
+class RolloutError(GymCollectError):
+    """One attempt at one rollout failed.
+
+    Attributes:
+        status: the HTTP status, or None when no response arrived.
+        retry_after_s: the server's `Retry-After` in seconds (RFC 9110 §10.2.3), or None.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+    @property
+    def error_class(self) -> str:
+        """A short name for failure records and metrics, such as `HTTP503` or `AgentTimeout`."""
+        if self.status is not None:
+            return f"HTTP{self.status}"
+        return type(self).__name__.removesuffix("Error")
+
+
+class TransientRolloutError(RolloutError):
+    """An attempt failed in a way that another attempt may fix."""
+
+
+class AgentConnectionError(TransientRolloutError):
+    """The connection could not be made, or broke before a full answer arrived."""
+
+
+class AgentTimeoutError(TransientRolloutError):
+    """No full answer within `request_timeout_s` (or no connection within `connect_timeout_s`)."""
+
+
+class BadAnswerError(TransientRolloutError):
+    """The agent answered 200 with a body that is not a JSON object."""
+
+
+class PermanentRolloutError(RolloutError):
+    """An attempt failed in a way another attempt will not fix (a 4xx other than 408/425/429)."""

@@ -1,0 +1,69 @@
+"""Retry policy: which failed attempts retry, how long to wait, when to stop.
+
+Backoff is "full jitter" from the AWS Architecture Blog, *Exponential Backoff and Jitter* (Brooker, 2015):
+wait = uniform(0, min(cap, base * 2**(attempt - 1))). A server's `Retry-After` (RFC 9110 §10.2.3, either
+delay-seconds or an HTTP-date) is a floor on the wait.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+
+from gym_collect.errors import RolloutError, TransientRolloutError
+
+MAX_RETRY_AFTER_S = 3600.0
+
+
+@dataclass
+class RetryPolicy:
+    """Decides, after a failed attempt, whether and when to try again.
+
+    Attributes:
+        max_attempts: attempts per rollout in all (1 = never retry).
+        backoff_initial_s: the first backoff's cap, seconds.
+        backoff_max_s: the cap of every backoff, seconds.
+        rng: the jitter's random source (seed it in tests).
+    """
+
+    max_attempts: int = 5
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 60.0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_wait_s(self, error: RolloutError, attempt: int) -> float | None:
+        """Seconds to wait before attempt `attempt + 1`, or None to give up.
+
+        `attempt` is the 1-based number of the attempt that just failed. Only `TransientRolloutError`s
+        retry; the wait is the full-jitter backoff, raised to the server's `Retry-After` when it gave one.
+        """
+        if not isinstance(error, TransientRolloutError) or attempt >= self.max_attempts:
+            return None
+        ceiling = min(self.backoff_max_s, self.backoff_initial_s * 2 ** (attempt - 1))
+        wait = self.rng.uniform(0, ceiling)
+        if error.retry_after_s is not None:
+            wait = max(wait, error.retry_after_s)
+        return wait
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from `now` given by a `Retry-After` header value, or None if absent or malformed.
+
+    Accepts delay-seconds (`"120"`) and an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`), per RFC 9110
+    §10.2.3. A date in the past gives 0. The result is capped at one hour.
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    now = now or datetime.now(UTC)
+    return min(max(0.0, (when - now).total_seconds()), MAX_RETRY_AFTER_S)

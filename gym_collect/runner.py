@@ -1,0 +1,270 @@
+"""Bounded dispatch: the only module that creates tasks.
+
+Task topology of `Runner.run`, all in one `asyncio.TaskGroup`:
+
+    run
+    ├── dispatch     pulls the next request only when the reorder window has room and the gate gives
+    │                a permit, then starts one rollout task for it
+    ├── rollout ×N   N <= the in-flight limit; attempts with retries, then hands the outcome to the writer
+    └── report       every `status_every_s`: status file, progress postfix / log line
+
+Stopping (signal or failure budget) cancels `dispatch`, lets in-flight rollouts finish for up to the grace
+period, then cancels them; a cancelled rollout is written nowhere, so resume redoes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from gym_collect.client import AgentClient
+from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRolloutError, RolloutError
+from gym_collect.limiter import AdaptiveLimit, ConcurrencyGate
+from gym_collect.metrics import Progress, RunMetrics
+from gym_collect.reader import AGENT_REF_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, RolloutRequest
+from gym_collect.retry import RetryPolicy
+from gym_collect.writer import OutputPaths, RolloutWriter, rollout_line, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+FAILURE_CLASS_KEY = "_ng_failure_class"
+NO_PERSIST_KEY = "_ng_no_persist"
+TERMINAL_KEY = "_ng_failure_terminal"
+PROGRESS_LOG_EVERY_S = 30.0
+
+
+@dataclass
+class FailureBudget:
+    """Stop the run once `max_failures` rollouts failed, or the failed fraction exceeds `max_rate` after
+    at least `min_rollouts` finished. None disables a bound."""
+
+    max_failures: int | None = None
+    max_rate: float | None = None
+    min_rollouts: int = 50
+
+    def exceeded(self, failed: int, finished: int) -> str | None:
+        """Why the budget is spent, or None."""
+        if self.max_failures is not None and failed >= self.max_failures:
+            return f"{failed} rollouts failed (max_failures={self.max_failures})"
+        if self.max_rate is not None and finished >= self.min_rollouts and failed / finished > self.max_rate:
+            return f"{failed}/{finished} rollouts failed (max_failure_rate={self.max_rate})"
+        return None
+
+
+class Runner:
+    """Runs every request under the gate's in-flight limit and hands each outcome to the writer once.
+
+    Args:
+        client: the open `AgentClient`.
+        agent_urls: agent name -> base URL.
+        gate: the in-flight limit (fixed, unset, or driven by `adaptive`).
+        adaptive: the adaptive limit for `num_samples_in_parallel=auto`, else None.
+        run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
+    """
+
+    def __init__(
+        self,
+        *,
+        client: AgentClient,
+        agent_urls: dict[str, str],
+        writer: RolloutWriter,
+        metrics: RunMetrics,
+        progress: Progress,
+        policy: RetryPolicy,
+        gate: ConcurrencyGate,
+        adaptive: AdaptiveLimit | None,
+        budget: FailureBudget,
+        paths: OutputPaths,
+        run_key: str,
+        status_every_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.client, self.agent_urls, self.writer = client, agent_urls, writer
+        self.metrics, self.progress, self.policy = metrics, progress, policy
+        self.gate, self.adaptive, self.budget = gate, adaptive, budget
+        self.paths, self.run_key, self.status_every_s, self.clock = paths, run_key, status_every_s, clock
+        self._paused_until: dict[str, float] = {}
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    async def run(self, requests: Iterator[RolloutRequest]) -> None:
+        """Dispatch every request and wait for all outcomes (or a stop). Raises the first
+        `GymCollectError` a task raised (an output write failure), after the group has wound down."""
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._report())
+                self._dispatcher = tg.create_task(self._dispatch(tg, requests))
+                await asyncio.wait([self._dispatcher])
+                while self._in_flight:
+                    await asyncio.wait(set(self._in_flight))
+                self._finished.set()
+        except BaseExceptionGroup as group:
+            errors = [e for e in _leaves(group) if isinstance(e, GymCollectError)]
+            if errors:
+                raise errors[0] from group
+            raise
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+            flushed = self.writer.flush_held()
+            if flushed:
+                log.info("Wrote %d held rollouts out of order at shutdown", flushed)
+            self._write_status()
+
+    def stop(self, reason: str, grace_s: float) -> None:
+        """Stop dispatching now; cancel what is still in flight after `grace_s` seconds. Idempotent."""
+        if self.metrics.stopped_reason is not None:
+            return
+        self.metrics.stopped_reason = reason
+        log.warning("Stopping: %s; waiting up to %.0f s for %d rollouts in flight", reason, grace_s,
+                    len(self._in_flight))
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+        self._grace_timer = asyncio.get_running_loop().call_later(grace_s, self._cancel_in_flight)
+
+    def _cancel_in_flight(self) -> None:
+        for task in self._in_flight:
+            task.cancel()
+
+    async def _dispatch(self, tg: asyncio.TaskGroup, requests: Iterator[RolloutRequest]) -> None:
+        for request in requests:
+            await self.writer.wait_for_room(request.seq)
+            await self.gate.acquire()
+            task = tg.create_task(self._collect(request))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _collect(self, request: RolloutRequest) -> None:
+        try:
+            if request.error is not None:
+                self._fail(request, "BadInputRow", None, request.error, 0, 0.0, permanent=True)
+                return
+            await self._attempts(request)
+        except asyncio.CancelledError:
+            self.metrics.interrupted += 1
+            raise
+        finally:
+            self.gate.release()
+            self.progress.update()
+
+    async def _attempts(self, request: RolloutRequest) -> None:
+        url = self.agent_urls[request.agent_name]
+        key = f"{self.run_key}-{request.task_index}-{request.rollout_index}"
+        first_start = self.clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            await self._wait_if_paused(request.agent_name)
+            start = self.clock()
+            self.metrics.attempts += 1
+            try:
+                answer = await self.client.run(url, request.body, key)
+            except RolloutError as error:
+                self._adapt(error)
+                wait_s = self.policy.next_wait_s(error, attempt)
+                if wait_s is None:
+                    self._fail(request, error.error_class, error.status, str(error), attempt,
+                               self.clock() - first_start, permanent=isinstance(error, PermanentRolloutError))
+                    return
+                if error.status == 429 and error.retry_after_s:
+                    self._pause(request.agent_name, error.retry_after_s)
+                self.metrics.retries += 1
+                log.debug("Retrying task %d rollout %d in %.2f s after %s", request.task_index,
+                          request.rollout_index, wait_s, error.error_class)
+                await asyncio.sleep(wait_s)
+                continue
+            latency_s = self.clock() - start
+            if self.adaptive is not None:
+                self._set_limit(self.adaptive.on_success(latency_s, self.gate.in_flight, self.clock()))
+            self._deliver(request, answer, latency_s, attempt, self.clock() - first_start)
+            return
+
+    def _deliver(self, request: RolloutRequest, answer: dict[str, Any], latency_s: float, attempts: int,
+                 elapsed_s: float) -> None:
+        if answer.get(NO_PERSIST_KEY):
+            self.metrics.not_persisted += 1
+            self.writer.finish(request.seq, None)
+            return
+        if answer.get(FAILURE_CLASS_KEY):
+            self._fail(request, str(answer[FAILURE_CLASS_KEY]), 200, "the agent reported a failure", attempts,
+                       elapsed_s, permanent=bool(answer.get(TERMINAL_KEY)), answer=answer)
+            return
+        answer[TASK_INDEX_KEY] = request.task_index
+        answer[ROLLOUT_INDEX_KEY] = request.rollout_index
+        answer[AGENT_REF_KEY] = request.agent_ref
+        self.writer.finish(request.seq, rollout_line(answer))
+        self.metrics.add_success(request.agent_name, latency_s, answer)
+
+    def _fail(self, request: RolloutRequest, error_class: str, status: int | None, message: str, attempts: int,
+              elapsed_s: float, *, permanent: bool, answer: dict[str, Any] | None = None) -> None:
+        record: dict[str, Any] = {
+            TASK_INDEX_KEY: request.task_index,
+            ROLLOUT_INDEX_KEY: request.rollout_index,
+            AGENT_REF_KEY: request.agent_ref,
+            "error_class": error_class,
+            "status": status,
+            "message": message,
+            "attempts": attempts,
+            "elapsed_s": round(elapsed_s, 3),
+            "permanent": permanent,
+            "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        if answer is not None:
+            record["answer"] = answer
+        self.writer.finish(request.seq, None, rollout_line(record))
+        self.metrics.add_failure(request.agent_name, error_class)
+        reason = self.budget.exceeded(self.metrics.failed, self.metrics.done)
+        if reason is not None:
+            self.stop(f"failure budget spent: {reason}", grace_s=0.0)
+
+    def _adapt(self, error: RolloutError) -> None:
+        if self.adaptive is None:
+            return
+        overload = error.status in (429, 500, 502, 503, 504) or isinstance(error, AgentTimeoutError)
+        now = self.clock()
+        self._set_limit(self.adaptive.on_overload(now) if overload else self.adaptive.on_error(now))
+
+    def _set_limit(self, limit: int) -> None:
+        if limit != self.gate.limit:
+            self.gate.limit = limit
+            self.metrics.record_limit(limit)
+
+    def _pause(self, agent: str, seconds: float) -> None:
+        until = self.clock() + seconds
+        if until > self._paused_until.get(agent, 0.0):
+            self._paused_until[agent] = until
+            log.info("Agent %s asked to slow down: pausing new requests to it for %.1f s", agent, seconds)
+
+    async def _wait_if_paused(self, agent: str) -> None:
+        delay = self._paused_until.get(agent, 0.0) - self.clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def _report(self) -> None:
+        while not self._finished.is_set():
+            try:
+                await asyncio.wait_for(self._finished.wait(), self.status_every_s)
+            except TimeoutError:
+                pass
+            status = self._write_status()
+            self.progress.tick(status, PROGRESS_LOG_EVERY_S)
+
+    def _write_status(self) -> dict[str, Any]:
+        status = self.metrics.status(self.gate.in_flight, self.gate.limit)
+        write_json_atomic(self.paths.status, status)
+        return status
+
+
+def _leaves(group: BaseExceptionGroup[Any]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
