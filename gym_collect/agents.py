@@ -34,9 +34,10 @@ async def resolve_agents(
 ) -> dict[str, str]:
     """Map every name in `names` to a base URL (no trailing slash).
 
-    `agent_url` serves `agent_name` (every row's agent when `agent_name` is unset); `agents` maps names directly; any name left is looked up on the head
-    server (one fetch). Raises `ConfigError` for a name nobody knows and `AgentUnavailableError` when the
-    head server is needed but does not answer within about `HEAD_SERVER_ATTEMPTS * HEAD_SERVER_TIMEOUT_S`.
+    `agent_url` serves `agent_name` (every row's agent when `agent_name` is unset); `agents` maps names
+    directly; any name left is looked up on the head server (one fetch). Raises `ConfigError` for a name
+    nobody knows and `AgentUnavailableError` when the head server is needed but does not answer within
+    about `HEAD_SERVER_ATTEMPTS * HEAD_SERVER_TIMEOUT_S`.
     """
     known = dict(agents)
     if agent_url and agent_name:

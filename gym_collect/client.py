@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from gym_collect.config import RETRYABLE_STATUSES
 from gym_collect.errors import (
@@ -50,14 +51,15 @@ class AgentClient:
         request_timeout_s: float | None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
-        self._connector_args = {"limit": connector_limit, "limit_per_host": connector_limit_per_host}
+        self._connector_limits = (connector_limit, connector_limit_per_host)
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, sock_connect=connect_timeout_s)
         self._connect_timeout_s = connect_timeout_s
         self._headers = {**JSON_HEADERS, **(headers or {})}
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
-        connector = aiohttp.TCPConnector(**self._connector_args)
+        limit, limit_per_host = self._connector_limits
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit_per_host)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, headers=self._headers, json_serialize=_dumps_str
         )
@@ -119,7 +121,7 @@ class AgentClient:
         Raises `AgentUnavailableError` naming the URL when none succeeds (within about
         `attempts * connect_timeout_s` seconds).
         """
-        url = aiohttp.client.URL(base_url)
+        url = URL(base_url)
         timeout_s = self._connect_timeout_s or 10.0
         last: BaseException | None = None
         for attempt in range(attempts):

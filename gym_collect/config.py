@@ -185,14 +185,14 @@ class CollectConfig:
     @property
     def is_auto(self) -> bool:
         """True when `num_samples_in_parallel=auto`."""
-        return self.num_samples_in_parallel == "auto"
+        return bool(self.num_samples_in_parallel == "auto")
 
 
 def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
     """Every valid dotted key of the schema, nested dataclasses included (`tune.start`)."""
     keys: list[str] = []
     for f in fields(schema):
-        default = f.default_factory() if callable(f.default_factory) else f.default  # type: ignore[misc]
+        default = f.default_factory() if callable(f.default_factory) else f.default
         keys.append(prefix + f.name)
         if hasattr(default, "__dataclass_fields__"):
             keys.extend(config_keys(type(default), prefix + f.name + "."))

@@ -15,6 +15,7 @@ period, then cancels them; a cancelled rollout is written nowhere, so resume red
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -249,10 +250,8 @@ class Runner:
 
     async def _report(self) -> None:
         while not self._finished.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._finished.wait(), self.status_every_s)
-            except TimeoutError:
-                pass
             status = self._write_status()
             self.progress.tick(status, PROGRESS_LOG_EVERY_S)
 

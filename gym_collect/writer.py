@@ -9,6 +9,7 @@ in (task, rollout) order as soon as every earlier one is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -82,10 +83,8 @@ class LineFile:
             while view:
                 view = view[os.write(self._fd, view):]
         except OSError as exc:
-            try:
+            with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.size)
-            except OSError:
-                pass
             raise OutputError(
                 f"{self.path}: write failed ({exc.strerror}); every line written before is intact, "
                 "free space or fix the folder, then rerun with resume=true"

@@ -45,7 +45,7 @@ def pairs(rows: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
     return [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows]
 
 
-def config(input_path: Path, output_path: Path, agent_url: str, **overrides: Any) -> CollectConfig:
+def config(input_path: Path, output_path: Path, agent_url: str | None, **overrides: Any) -> CollectConfig:
     """A typed config for one run against `agent_url`, progress off, fast retries."""
     settings: dict[str, Any] = {
         "input_jsonl_fpath": str(input_path),

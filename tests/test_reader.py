@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from gym_collect.reader import JsonlRows, RowSelection, count_rows, iter_request
 from tests.conftest import make_rows, write_rows
 
 
-def requests(path: Path, selection: RowSelection = RowSelection(), repeats: int = 1, agent: str | None = "a",
+def requests(path: Path, selection: RowSelection | None = None, repeats: int = 1, agent: str | None = "a",
              rcp: dict | None = None, done=lambda t, r: False) -> list:
-    return list(iter_requests(JsonlRows(path, selection), repeats, agent, rcp or {}, done))
+    rows = JsonlRows(path, selection or RowSelection())
+    return list(iter_requests(rows, repeats, agent, rcp or {}, done))
 
 
 def test_row_index_counts_non_blank_lines_only(tmp_path: Path) -> None:
@@ -48,7 +50,8 @@ def test_repeats_in_aabbcc_pattern_with_indices_in_body(tmp_path: Path) -> None:
 
 
 def test_responses_create_params_shallow_merge_and_own_agent_ref(tmp_path: Path) -> None:
-    rows = [{"responses_create_params": {"input": "hi", "temperature": 1.0}, "agent_ref": {"type": "t", "name": "mine"}},
+    rows = [{"responses_create_params": {"input": "hi", "temperature": 1.0},
+             "agent_ref": {"type": "t", "name": "mine"}},
             {"responses_create_params": {"input": "yo", "max_output_tokens": 5}}]
     path = write_rows(tmp_path / "in.jsonl", rows)
     got = requests(path, rcp={"temperature": 0.2, "top_p": 0.9})
@@ -100,14 +103,15 @@ def test_missing_input_and_missing_agent(tmp_path: Path) -> None:
 def test_shards_cover_every_row_once_and_balanced(num_rows: int, num_shards: int) -> None:
     ranges = [shard_range(num_rows, num_shards, k) for k in range(num_shards)]
     assert ranges[0][0] == 0 and ranges[-1][1] == num_rows
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     sizes = [e - s for s, e in ranges]
     assert max(sizes) - min(sizes) <= 1
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.dictionaries(st.text(max_size=5), st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=20), st.none()),
-                                max_size=4), max_size=20))
+@given(st.lists(st.dictionaries(
+    st.text(max_size=5), st.one_of(st.integers(-(2**63), 2**63 - 1), st.text(max_size=20), st.none()), max_size=4),
+    max_size=20))
 def test_any_row_survives_read(tmp_path_factory: pytest.TempPathFactory, rows: list[dict]) -> None:
     path = write_rows(tmp_path_factory.mktemp("rows") / "in.jsonl", rows)
     got = list(JsonlRows(path, RowSelection()))

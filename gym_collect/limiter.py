@@ -1,0 +1,572 @@
+"""Concurrency limits: the permit gate every request passes, and the adaptive limit that can steer it.
+
+`ConcurrencyGate` is the asyncio primitive (FIFO permits whose count can change at run time).
+`AdaptiveLimit` is pure arithmetic: the runner feeds it outcomes with a monotonic `now_s` and copies
+`limit` into the gate. `simulate_closed_loop` drives an `AdaptiveLimit` against a modelled backend in
+simulated time, for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from types import TracebackType
+
+__all__ = [
+    "AdaptiveLimit",
+    "AdaptiveLimitConfig",
+    "ConcurrencyGate",
+    "SimBackend",
+    "SimResult",
+    "simulate_closed_loop",
+]
+
+_RTT_FLOOR_S = 1e-6
+
+
+class ConcurrencyGate:
+    """At most `limit` holders at once; `limit` can change at run time (`None` = unlimited).
+
+    Lowering the limit never evicts holders, but no new holder enters until `in_flight < limit`, so in-flight
+    never exceeds the limit in force when a holder entered and converges down to a lowered limit. Waiters are
+    served first come, first served (a newcomer never overtakes a queued waiter) and are futures woken by
+    `release` or by raising the limit: nothing polls. Single event loop; not thread-safe.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        """Raises ValueError if `limit` is not None and < 1."""
+        self._limit = _check_gate_limit(limit)
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int | None:
+        """Current maximum number of holders; None = unlimited."""
+        return self._limit
+
+    @limit.setter
+    def limit(self, value: int | None) -> None:
+        """Raising the limit admits waiters at once; lowering it only stops admissions. ValueError if < 1."""
+        self._limit = _check_gate_limit(value)
+        self._wake()
+
+    @property
+    def in_flight(self) -> int:
+        """Number of permits currently held."""
+        return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """Peak of `in_flight` since construction."""
+        return self._max_in_flight
+
+    @property
+    def waiting(self) -> int:
+        """Number of tasks queued in `acquire`."""
+        return len(self._waiters)
+
+    async def acquire(self) -> None:
+        """Wait for a permit (FIFO). Cancellation-safe: a cancelled waiter holds no permit afterwards."""
+        if not self._waiters and self._has_room():
+            self._take()
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                # The permit was granted just before the cancellation landed: hand it on.
+                self.release()
+            else:
+                self._waiters.remove(fut)
+            raise
+
+    def release(self) -> None:
+        """Return a permit and admit the next waiter(s). RuntimeError if no permit is held."""
+        if self._in_flight <= 0:
+            raise RuntimeError("ConcurrencyGate.release() called with no permit held")
+        self._in_flight -= 1
+        self._wake()
+
+    def slot(self) -> AbstractAsyncContextManager[None]:
+        """`async with gate.slot(): ...` holds one permit for the block, released on every path."""
+        return _Slot(self)
+
+    def _has_room(self) -> bool:
+        return self._limit is None or self._in_flight < self._limit
+
+    def _take(self) -> None:
+        self._in_flight += 1
+        self._max_in_flight = max(self._max_in_flight, self._in_flight)
+
+    def _wake(self) -> None:
+        # Permits are counted when granted, so a woken task that has not run yet already holds its permit.
+        while self._waiters and self._has_room():
+            fut = self._waiters.popleft()
+            if not fut.done():
+                self._take()
+                fut.set_result(None)
+
+
+class _Slot(AbstractAsyncContextManager[None]):
+    __slots__ = ("_gate",)
+
+    def __init__(self, gate: ConcurrencyGate) -> None:
+        self._gate = gate
+
+    async def __aenter__(self) -> None:
+        await self._gate.acquire()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._gate.release()
+
+
+def _check_gate_limit(limit: int | None) -> int | None:
+    if limit is not None and limit < 1:
+        raise ValueError(f"gate limit must be >= 1 or None, got {limit}")
+    return limit
+
+
+@dataclass
+class AdaptiveLimitConfig:
+    """Tuning of `AdaptiveLimit`; every field is validated in `__post_init__` (ValueError on bad values).
+
+    Bounds: `1 <= min <= initial <= max` (requests in flight).
+    `rtt_tolerance` (>= 1): latency up to `rtt_tolerance * rtt_noload` counts as "no queueing".
+    `smoothing` (0, 1]: weight of a lower estimate when the latency gradient cuts the limit (decreases only).
+    `growth_min`: growth per window / queue allowance is `max(growth_min, sqrt(limit))` requests.
+    `window_min_samples`, `window_rtts`: a window closes after that many successes and that many RTTs.
+    `probe_interval_s`, `probe_interval_rtts`: re-measure the no-load RTT every max(s, rtts * RTT).
+    `probe_ratio` (0, 1): during a probe the limit is `probe_ratio` times the estimated no-queue concurrency.
+    `probe_rtts`: a probe collects samples for that many RTTs once the excess in-flight has drained.
+    `backoff_ratio` (0, 1): multiplicative decrease on an overload (429 / 5xx / timeout).
+    `decrease_cooldown_s`: floor of the time between two overload decreases (the other floor is one RTT).
+    `ceiling_step`: growth per window near the limit of the last overload (additive increase).
+    `history_max_points`: bound on `AdaptiveLimit.history` (>= 2).
+    """
+
+    initial: int = 16
+    min: int = 1
+    max: int = 1024
+    rtt_tolerance: float = 1.1
+    smoothing: float = 0.2
+    growth_min: float = 4.0
+    window_min_samples: int = 16
+    window_rtts: float = 1.0
+    probe_interval_s: float = 10.0
+    probe_interval_rtts: float = 30.0
+    probe_ratio: float = 0.9
+    probe_rtts: float = 2.0
+    backoff_ratio: float = 0.9
+    decrease_cooldown_s: float = 0.1
+    ceiling_step: float = 0.1
+    history_max_points: int = 1000
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min <= self.initial <= self.max:
+            raise ValueError(f"need 1 <= min <= initial <= max, got {self.min}, {self.initial}, {self.max}")
+        checks = {
+            "rtt_tolerance >= 1": self.rtt_tolerance >= 1.0,
+            "0 < smoothing <= 1": 0.0 < self.smoothing <= 1.0,
+            "growth_min > 0": self.growth_min > 0.0,
+            "window_min_samples >= 1": self.window_min_samples >= 1,
+            "window_rtts >= 0": self.window_rtts >= 0.0,
+            "probe_interval_s > 0": self.probe_interval_s > 0.0,
+            "probe_interval_rtts >= 0": self.probe_interval_rtts >= 0.0,
+            "0 < probe_ratio < 1": 0.0 < self.probe_ratio < 1.0,
+            "probe_rtts > 0": self.probe_rtts > 0.0,
+            "0 < backoff_ratio < 1": 0.0 < self.backoff_ratio < 1.0,
+            "decrease_cooldown_s >= 0": self.decrease_cooldown_s >= 0.0,
+            "ceiling_step > 0": self.ceiling_step > 0.0,
+            "history_max_points >= 2": self.history_max_points >= 2,
+        }
+        failed = [name for name, ok in checks.items() if not ok]
+        if failed:
+            raise ValueError(f"invalid AdaptiveLimitConfig: need {', '.join(failed)}")
+
+
+@dataclass
+class _Probe:
+    """State of one no-load RTT measurement (see `AdaptiveLimit`)."""
+
+    limit: int
+    saved_est: float
+    start_s: float
+    drained_s: float | None = None
+    ref_rtt_s: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+
+class AdaptiveLimit:
+    """Adaptive concurrency limit from latency and overload signals; pure (no asyncio, no clock, no I/O).
+
+    Every call passes `now_s` (monotonic seconds) and returns the new integer limit (requests in flight).
+
+    Algorithm: the update law of Netflix concurrency-limits `Gradient2Limit` / `GradientLimit`
+    (https://github.com/Netflix/concurrency-limits, `concurrency-limits-core/.../limit/Gradient2Limit.java`),
+    evaluated once per sample window as in its `WindowedLimit`::
+
+        gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt_window))
+        target   = limit * gradient + queue,          queue = max(growth_min, sqrt(limit))
+        limit    = limit*(1 - smoothing) + target*smoothing   if target < limit   (decrease, smoothed)
+                   min(target, limit + step)                    otherwise          (growth)
+
+    `rtt_window` is the median latency of a window of at least `window_min_samples` successes spanning
+    `window_rtts` RTTs (the median resists the long tails of per-row rollout times). Against a backend of
+    capacity C, latency = rtt_noload * limit / C past C, so the fixed point is limit = rtt_tolerance * C +
+    sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy while queueing stays bounded.
+
+    Departure from Gradient2: its baseline is a long-term EMA of the RTT, which absorbs a standing queue and
+    lets the limit creep upwards for as long as the growth is slower than the EMA. Here `rtt_noload` is the
+    no-load RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas: New Techniques for Congestion
+    Detection and Avoidance", SIGCOMM 1994; as `rtt_noload` in concurrency-limits `VegasLimit`): the minimum
+    of window medians, and replaced, every max(`probe_interval_s`, `probe_interval_rtts` * RTT), by a probe
+    in the manner of BBR's ProbeRTT (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue
+    14(5), 2016): the limit drops to `probe_ratio` * limit * rtt_noload / rtt_window (the estimated
+    concurrency without queueing) until the excess has drained, then the median of `probe_rtts` RTTs of
+    requests started after the drain becomes the new `rtt_noload`. A baseline shifted up (slower service)
+    or down is thus re-learned within one probe interval, and an old minimum never pins the limit.
+
+    Growth is `step = queue` per window (fast far below max), except within one step of the limit at the
+    last overload, where it is `ceiling_step` per window (additive increase, RFC 5681 §3.1 congestion
+    avoidance); that memory is dropped once the limit passes it by one step. No growth while the window's
+    peak in-flight + queue < limit (application-limited, as in `GradientLimit`).
+
+    Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease limit *= `backoff_ratio`
+    (Jacobson, "Congestion Avoidance and Control", SIGCOMM 1988; RFC 5681 §3.1; concurrency-limits
+    `AIMDLimit` default 0.9), at most once per max(`decrease_cooldown_s`, last window RTT), so one burst of
+    errors from the requests of one RTT costs one decrease. `on_error` (4xx, reset) changes nothing.
+
+    `history` holds (now_s, limit) each time the integer limit changed (not the initial limit). It keeps at
+    most `history_max_points`: when full, every second point is dropped and from then on only every
+    2nd (then 4th, ...) change is recorded, so it always spans the whole run at uniform resolution.
+    """
+
+    def __init__(self, config: AdaptiveLimitConfig) -> None:
+        self._cfg = config
+        self._est = float(config.initial)
+        self._published = config.initial
+        self._base_s: float | None = None
+        self._rtt_s: float | None = None
+        self._last_latency_s: float | None = None
+        self._win: list[float] = []
+        self._win_start_s: float | None = None
+        self._win_max_in_flight = 0
+        self._next_probe_s: float | None = None
+        self._probe: _Probe | None = None
+        self._last_decrease_s: float | None = None
+        self._ceiling: float | None = None
+        self._windows_past_ceiling = 0
+        self._ignore_until_s = -math.inf
+        self._history: list[tuple[float, int]] = []
+        self._hist_stride = 1
+        self._hist_changes = 0
+
+    @property
+    def config(self) -> AdaptiveLimitConfig:
+        return self._cfg
+
+    @property
+    def limit(self) -> int:
+        """Current limit, `config.min <= limit <= config.max`."""
+        if self._probe is not None:
+            return self._probe.limit
+        return self._clamp_int(self._est)
+
+    @property
+    def rtt_noload_s(self) -> float | None:
+        """Current no-load latency estimate (s); None before the first window."""
+        return self._base_s
+
+    @property
+    def history(self) -> list[tuple[float, int]]:
+        """(now_s, limit) at changes of the integer limit, decimated to `history_max_points` (a copy)."""
+        return list(self._history)
+
+    def on_success(self, latency_s: float, in_flight: int, now_s: float) -> int:
+        """Feed one success: its latency (s, > 0 after flooring at 1 us) and the requests in flight when it
+        completed, itself included. ValueError if `latency_s` is negative or not finite."""
+        if not (math.isfinite(latency_s) and latency_s >= 0.0):
+            raise ValueError(f"latency_s must be finite and >= 0, got {latency_s}")
+        lat = max(latency_s, _RTT_FLOOR_S)
+        self._last_latency_s = lat
+        if self._probe is not None:
+            self._probe_sample(self._probe, lat, in_flight, now_s)
+            return self._publish(now_s)
+        if now_s < self._ignore_until_s:
+            return self._publish(now_s)  # refill after a probe: not representative
+        if self._win_start_s is None:
+            self._win_start_s = now_s
+        self._win.append(lat)
+        self._win_max_in_flight = max(self._win_max_in_flight, in_flight)
+        ref_s = self._rtt_s if self._rtt_s is not None else (self._base_s or self._win[0])
+        if len(self._win) >= self._cfg.window_min_samples and (
+            now_s - self._win_start_s >= self._cfg.window_rtts * ref_s
+        ):
+            self._close_window(now_s)
+        return self._publish(now_s)
+
+    def on_overload(self, now_s: float) -> int:
+        """429 / 5xx / timeout: limit *= backoff_ratio, at most once per max(decrease_cooldown_s, RTT)."""
+        if self._probe is not None:
+            self._end_probe(now_s, None)
+        cooldown_s = max(self._cfg.decrease_cooldown_s, self._rtt_s or self._last_latency_s or 0.0)
+        if self._last_decrease_s is None or now_s - self._last_decrease_s >= cooldown_s:
+            self._ceiling = self._est
+            self._windows_past_ceiling = 0
+            self._est = self._clamp(self._est * self._cfg.backoff_ratio)
+            self._last_decrease_s = now_s
+        return self._publish(now_s)
+
+    def on_error(self, now_s: float) -> int:
+        """Failure that says nothing about backend load (4xx, connection reset): the limit is unchanged."""
+        return self._publish(now_s)
+
+    def _close_window(self, now_s: float) -> None:
+        cfg = self._cfg
+        rtt_s = _median(self._win)
+        peak = self._win_max_in_flight
+        self._win = []
+        self._win_start_s = now_s
+        self._win_max_in_flight = 0
+        self._rtt_s = rtt_s
+        if self._base_s is None or self._next_probe_s is None:
+            self._base_s = rtt_s
+            self._next_probe_s = now_s + self._probe_interval_s()
+        elif rtt_s * self._cfg.rtt_tolerance < self._base_s:
+            self._base_s = rtt_s
+        if now_s >= self._next_probe_s:
+            self._start_probe(now_s)
+            return
+        est = self._est
+        queue = max(cfg.growth_min, math.sqrt(est))
+        gradient = max(0.5, min(1.0, cfg.rtt_tolerance * self._base_s / rtt_s))
+        target = est * gradient + queue
+        if target < est:
+            self._est = self._clamp(est * (1.0 - cfg.smoothing) + target * cfg.smoothing)
+        elif peak + queue >= est:
+            self._est = self._clamp(min(target, est + self._growth_step(est, queue)))
+
+    def _growth_step(self, est: float, queue: float) -> float:
+        ceiling = self._ceiling
+        if ceiling is None:
+            return queue
+        if est < ceiling - 1.0:
+            return max(self._cfg.ceiling_step, min(queue, ceiling - 1.0 - est))
+        if est < ceiling:
+            return self._cfg.ceiling_step
+        step = self._cfg.ceiling_step * 2.0**self._windows_past_ceiling
+        self._windows_past_ceiling += 1
+        if step >= queue:
+            self._ceiling = None
+        return min(step, queue)
+
+    def _start_probe(self, now_s: float) -> None:
+        cfg = self._cfg
+        assert self._base_s is not None and self._rtt_s is not None
+        no_queue = self._est * min(1.0, self._base_s / self._rtt_s)
+        probe_limit = self._clamp_int(math.floor(cfg.probe_ratio * no_queue))
+        self._probe = _Probe(limit=probe_limit, saved_est=self._est, start_s=now_s, ref_rtt_s=self._base_s)
+
+    def _probe_sample(self, probe: _Probe, lat: float, in_flight: int, now_s: float) -> None:
+        cfg = self._cfg
+        timeout_s = 4.0 * (cfg.probe_rtts + 1.0) * max(probe.ref_rtt_s, self._rtt_s or 0.0)
+        if now_s - probe.start_s > timeout_s:
+            self._end_probe(now_s, None)
+            return
+        if probe.drained_s is None:
+            if in_flight <= probe.limit:
+                probe.drained_s = now_s
+            return
+        if now_s - lat < probe.drained_s - 1e-9:
+            return  # started before the drain: it may have queued
+        probe.samples.append(lat)
+        needed = min(cfg.window_min_samples, probe.limit)
+        if len(probe.samples) < needed or now_s - probe.drained_s < cfg.probe_rtts * probe.ref_rtt_s:
+            return
+        median_s = _median(probe.samples)
+        if now_s - probe.drained_s < cfg.probe_rtts * median_s:
+            probe.ref_rtt_s = median_s  # samples so far are truncated at the elapsed time: keep going
+            return
+        self._end_probe(now_s, median_s)
+
+    def _end_probe(self, now_s: float, rtt_noload_s: float | None) -> None:
+        probe = self._probe
+        assert probe is not None
+        self._probe = None
+        self._est = probe.saved_est
+        if rtt_noload_s is not None:
+            self._base_s = min(rtt_noload_s, self._rtt_s) if self._rtt_s is not None else rtt_noload_s
+        self._next_probe_s = now_s + self._probe_interval_s()
+        self._ignore_until_s = now_s + 2.0 * (self._rtt_s or 0.0)
+        self._win = []
+        self._win_start_s = now_s
+        self._win_max_in_flight = 0
+
+    def _probe_interval_s(self) -> float:
+        return max(self._cfg.probe_interval_s, self._cfg.probe_interval_rtts * (self._base_s or 0.0))
+
+    def _clamp(self, value: float) -> float:
+        return max(float(self._cfg.min), min(float(self._cfg.max), value))
+
+    def _clamp_int(self, value: float) -> int:
+        return max(self._cfg.min, min(self._cfg.max, int(value)))
+
+    def _publish(self, now_s: float) -> int:
+        limit = self.limit
+        if limit != self._published:
+            self._published = limit
+            self._hist_changes += 1
+            if self._hist_changes % self._hist_stride == 0:
+                if len(self._history) >= self._cfg.history_max_points:
+                    self._history = self._history[1::2]
+                    self._hist_stride *= 2
+                self._history.append((now_s, limit))
+        return limit
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+@dataclass
+class SimBackend:
+    """Modelled backend for `simulate_closed_loop` (all times in simulated seconds).
+
+    `capacity` requests are served at once, each taking `service_time_s` times a log-normal factor of
+    median 1 and shape `jitter_sigma`; more wait in a FIFO queue (GPU-like) or, with
+    `reject_over_capacity`, are answered 429 after `reject_latency_s` (rate-limited API).
+    `capacity_changes` holds (time_s, capacity) steps; work in service is never evicted.
+    """
+
+    capacity: int
+    service_time_s: float = 0.1
+    jitter_sigma: float = 0.0
+    reject_over_capacity: bool = False
+    reject_latency_s: float = 0.005
+    capacity_changes: Sequence[tuple[float, int]] = ()
+    seed: int = 0
+
+
+@dataclass
+class SimResult:
+    """Outcome of `simulate_closed_loop`: successes as (done_s, latency_s), 429 times (s), limit trace."""
+
+    successes: list[tuple[float, float]]
+    overloads: list[float]
+    limits: list[tuple[float, int]]
+
+    def throughput_per_s(self, start_s: float, end_s: float) -> float:
+        """Successes per second completed in [start_s, end_s)."""
+        return sum(start_s <= t < end_s for t, _ in self.successes) / (end_s - start_s)
+
+    def latency_quantile_s(self, q: float, start_s: float, end_s: float) -> float:
+        """q-quantile (0..1, nearest rank) of success latency (s) completed in [start_s, end_s)."""
+        lats = sorted(lat for t, lat in self.successes if start_s <= t < end_s)
+        return lats[min(len(lats) - 1, int(q * len(lats)))] if lats else math.nan
+
+    def overload_fraction(self, start_s: float, end_s: float) -> float:
+        """429s / (429s + successes) in [start_s, end_s)."""
+        bad = sum(start_s <= t < end_s for t in self.overloads)
+        good = sum(start_s <= t < end_s for t, _ in self.successes)
+        return bad / max(1, bad + good)
+
+    def limit_at(self, t_s: float) -> int:
+        """Limit in force at time t_s."""
+        current = self.limits[0][1]
+        for when, value in self.limits:
+            if when > t_s:
+                break
+            current = value
+        return current
+
+    def limit_range(self, start_s: float, end_s: float) -> tuple[int, int]:
+        """(min, max) limit in force over [start_s, end_s]."""
+        inside = [v for t, v in self.limits if start_s <= t <= end_s] + [self.limit_at(start_s)]
+        return min(inside), max(inside)
+
+
+def simulate_closed_loop(backend: SimBackend, limiter: AdaptiveLimit | int, seconds: float) -> SimResult:
+    """Closed-loop clients keep `limit` requests in flight for `seconds` of simulated time.
+
+    A discrete-event simulation (deterministic for a given `backend.seed`); no clock, no asyncio.
+    Successes feed `limiter.on_success(latency_s, in_flight, now_s)` and 429s `limiter.on_overload(now_s)`;
+    an int `limiter` is a fixed limit. Latency counts from the client's send, queueing included.
+    """
+    rng = random.Random(backend.seed)
+    events: list[tuple[float, int, int, float]] = []  # (time_s, seq, kind, start_s)
+    done, reject, resize = 0, 1, 2
+    seq = 0
+
+    def push(time_s: float, kind: int, start_s: float) -> None:
+        nonlocal seq
+        seq += 1
+        heapq.heappush(events, (time_s, seq, kind, start_s))
+
+    def service_s() -> float:
+        if backend.jitter_sigma <= 0.0:
+            return backend.service_time_s
+        return backend.service_time_s * math.exp(rng.gauss(0.0, backend.jitter_sigma))
+
+    for when, cap in backend.capacity_changes:
+        push(when, resize, float(cap))
+    capacity, busy, in_flight = backend.capacity, 0, 0
+    queue: deque[float] = deque()
+    result = SimResult(successes=[], overloads=[], limits=[])
+
+    def current_limit() -> int:
+        return limiter if isinstance(limiter, int) else limiter.limit
+
+    def admit(now_s: float) -> None:
+        nonlocal busy, in_flight
+        limit = current_limit()
+        if not result.limits or result.limits[-1][1] != limit:
+            result.limits.append((now_s, limit))
+        while in_flight < limit:
+            in_flight += 1
+            if busy < capacity:
+                busy += 1
+                push(now_s + service_s(), done, now_s)
+            elif backend.reject_over_capacity:
+                push(now_s + backend.reject_latency_s, reject, now_s)
+            else:
+                queue.append(now_s)
+
+    def start_queued(now_s: float) -> None:
+        nonlocal busy
+        while queue and busy < capacity:
+            busy += 1
+            push(now_s + service_s(), done, queue.popleft())
+
+    admit(0.0)
+    while events and events[0][0] <= seconds:
+        now_s, _, kind, start_s = heapq.heappop(events)
+        if kind == resize:
+            capacity = int(start_s)
+            start_queued(now_s)
+            continue
+        if kind == done:
+            busy -= 1
+            start_queued(now_s)
+            result.successes.append((now_s, now_s - start_s))
+            if not isinstance(limiter, int):
+                limiter.on_success(now_s - start_s, in_flight, now_s)
+        else:
+            result.overloads.append(now_s)
+            if not isinstance(limiter, int):
+                limiter.on_overload(now_s)
+        in_flight -= 1
+        admit(now_s)
+    return result

@@ -1,0 +1,113 @@
+"""The command line: override checking, Hydra composition, and the real console script in a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gym_collect.cli import CONFIG_NAME, normalize_overrides, to_config
+from gym_collect.errors import ConfigError
+from gym_collect.sim_agent import SIM_HEAD_SECRET, SimAgentConfig, SimAgentThread
+from tests.conftest import REPO, make_rows, pairs, read_jsonl, write_rows
+
+COLLECT = str(Path(sys.executable).parent / "collect_rollouts")
+
+
+def test_nemo_gym_plus_spelling_is_accepted_for_every_key() -> None:
+    args = ["+agent_name=a", "limit=3", "++start_idx=1", "+responses_create_params.temperature=0.5",
+            "headers.Authorization=Bearer x", "+tune.start=4", "hydra.run.dir=out", "--cfg", "job", "-m"]
+    assert normalize_overrides(args) == [
+        "++agent_name=a", "limit=3", "++start_idx=1", "++responses_create_params.temperature=0.5",
+        "headers.Authorization=Bearer x", "++tune.start=4", "hydra.run.dir=out", "--cfg", "job", "-m"]
+
+
+@pytest.mark.parametrize(
+    ("arg", "named", "suggested"),
+    [("+num_samples_in_paralel=8", "num_samples_in_paralel", "num_samples_in_parallel"),
+     ("output_jsonl_path=x", "output_jsonl_path", "output_jsonl_fpath"),
+     ("tune.strat=2", "tune.strat", "tune.start")],
+)
+def test_misspelled_key_is_an_error_naming_it_and_the_closest(arg: str, named: str, suggested: str) -> None:
+    with pytest.raises(ConfigError, match=rf"unknown config key '{named}'.*did you mean '{suggested}'"):
+        normalize_overrides([arg])
+
+
+def compose_config(*overrides: str):  # type: ignore[no-untyped-def]
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return to_config(compose(config_name=CONFIG_NAME, overrides=normalize_overrides(list(overrides))))
+
+
+def test_compose_gives_typed_config_with_defaults_and_overrides() -> None:
+    cfg = compose_config("+input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", "+limit=7",
+                         "num_samples_in_parallel=auto", "+responses_create_params.temperature=0.3")
+    assert (cfg.limit, cfg.num_samples_in_parallel, cfg.responses_create_params) == (7, "auto", {"temperature": 0.3})
+    assert (cfg.global_aiohttp_connector_limit, cfg.global_aiohttp_connector_limit_per_host) == (65536, 16384)
+    assert cfg.head_server_url == "http://127.0.0.1:11000" and cfg.num_repeats == 1 and cfg.start_idx == 0
+    assert compose_config("+resume_from_cache=true").resume is True
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("limit=-1", "limit=-1 is invalid"), ("num_samples_in_parallel=0", "num_samples_in_parallel=0 is invalid"),
+     ("end_idx=2", "end_idx=2 is below start_idx=5"), ("num_repeats=0", "num_repeats=0 is invalid"),
+     ("request_timeout_s=0", "request_timeout_s=0"), ("output_order=random", "output_order='random'")],
+)
+def test_bad_values_fail_at_start_up(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        compose_config("start_idx=5", override)
+
+
+def test_example_config_file_composes() -> None:
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = to_config(compose(config_name="example"))
+    assert cfg.num_repeats == 2 and cfg.responses_create_params["temperature"] == 0.7
+
+
+def test_seed_style_command_against_a_head_server_on_port_11000(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "prompts.jsonl", make_rows(150))
+    with SimAgentThread(SimAgentConfig(capacity=64, service_time_s=0.02), port=11000,
+                        agent_names=("my_agent",)) as sim:
+        proc = subprocess.run(
+            [COLLECT, "+agent_name=my_agent", "+input_jsonl_fpath=prompts.jsonl",
+             "+output_jsonl_fpath=rollouts.jsonl", "+limit=100", "+num_samples_in_parallel=8"],
+            cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120,
+        )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert sorted(pairs(read_jsonl(tmp_path / "rollouts.jsonl"))) == [(i, 0) for i in range(100)]
+    assert (tmp_path / "rollouts_metrics.json").exists()
+    assert sim.stats.max_in_flight == 8
+    everything = proc.stdout + proc.stderr + "".join(
+        p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    assert SIM_HEAD_SECRET not in everything
+    assert "Rollouts: 100 written" in proc.stdout + proc.stderr
+
+
+def test_typo_key_fails_before_anything_runs(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    proc = subprocess.run([COLLECT, "+input_jsonl_fpath=x", "+num_sample_in_parallel=8"], cwd=tmp_path,
+                          env=clean_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "unknown config key 'num_sample_in_parallel'" in proc.stderr
+    assert "did you mean 'num_samples_in_parallel'" in proc.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_python_dash_m_and_hydra_flags(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    help_ = subprocess.run([sys.executable, "-m", "gym_collect", "--help"], cwd=tmp_path, env=clean_env,
+                           capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "num_samples_in_parallel" in help_.stdout
+    cfg = subprocess.run([COLLECT, "--cfg", "job", "+limit=5"], cwd=tmp_path, env=clean_env,
+                         capture_output=True, text=True, timeout=60)
+    assert cfg.returncode == 0 and "limit: 5" in cfg.stdout
+
+
+def test_missing_input_is_one_clear_line(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    proc = subprocess.run([COLLECT, "input_jsonl_fpath=missing.jsonl", "output_jsonl_fpath=out.jsonl",
+                           "agent_name=a", "agent_url=http://127.0.0.1:9"],
+                          cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "missing.jsonl: input file not found; check input_jsonl_fpath" in proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,123 @@
+"""The main job against a real agent server on 127.0.0.1: limits, sharding, selection, merges, formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gym_collect.collect import collect
+from gym_collect.sim_agent import SimAgent, SimAgentConfig
+from tests.conftest import SHARED_DATA, config, make_rows, pairs, read_jsonl, write_rows
+
+
+async def test_in_flight_never_exceeds_and_reaches_num_samples_in_parallel(tmp_path: Path) -> None:
+    async with SimAgent(SimAgentConfig(capacity=64, service_time_s=0.03)) as sim:
+        inp = write_rows(tmp_path / "in.jsonl", make_rows(60))
+        result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, num_samples_in_parallel=5))
+    assert result.exit_code == 0
+    assert sim.stats.max_in_flight == 5
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(i, 0) for i in range(60)]
+
+
+async def test_unset_parallelism_is_bounded_by_the_connector_per_host_limit(tmp_path: Path) -> None:
+    async with SimAgent(SimAgentConfig(capacity=64, service_time_s=0.03)) as sim:
+        inp = write_rows(tmp_path / "in.jsonl", make_rows(60))
+        result = await collect(config(inp, tmp_path / "out.jsonl", sim.url,
+                                      global_aiohttp_connector_limit_per_host=4))
+    assert result.exit_code == 0
+    assert sim.stats.max_in_flight == 4
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 60
+
+
+async def test_shards_concatenated_equal_a_single_run(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(30))
+    await collect(config(inp, tmp_path / "single.jsonl", sim.url, num_repeats=2, num_samples_in_parallel=8))
+    await collect(config(inp, tmp_path / "a.jsonl", sim.url, end_idx=13, num_repeats=2))
+    await collect(config(inp, tmp_path / "b.jsonl", sim.url, start_idx=13, num_repeats=2))
+    joined = (tmp_path / "a.jsonl").read_bytes() + (tmp_path / "b.jsonl").read_bytes()
+    (tmp_path / "cat.jsonl").write_bytes(joined)
+    single, cat = read_jsonl(tmp_path / "single.jsonl"), read_jsonl(tmp_path / "cat.jsonl")
+    assert len(cat) == len(single) == 60
+    assert sorted(pairs(cat)) == sorted(pairs(single))
+    by_pair = {(r["_ng_task_index"], r["_ng_rollout_index"]): r for r in single}
+    for row in cat:
+        twin = by_pair[(row["_ng_task_index"], row["_ng_rollout_index"])]
+        assert row["responses_create_params"] == twin["responses_create_params"]
+        assert row["reward"] == twin["reward"]
+
+
+async def test_input_order_output_is_in_task_rollout_order(tmp_path: Path) -> None:
+    async with SimAgent(SimAgentConfig(capacity=16, service_time_s=0.01, service_sigma=1.0, seed=3)) as sim:
+        inp = write_rows(tmp_path / "in.jsonl", make_rows(50))
+        await collect(config(inp, tmp_path / "out.jsonl", sim.url, num_repeats=3, num_samples_in_parallel=16,
+                             output_order="input", reorder_window=8))
+    assert pairs(read_jsonl(tmp_path / "out.jsonl")) == [(t, r) for t in range(50) for r in range(3)]
+
+
+async def test_limit_and_repeats_aabbcc(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(20))
+    result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, start_idx=4, limit=3, num_repeats=2,
+                                  num_samples_in_parallel=1))
+    assert result.exit_code == 0
+    assert pairs(read_jsonl(tmp_path / "out.jsonl")) == [(4, 0), (4, 1), (5, 0), (5, 1), (6, 0), (6, 1)]
+    assert result.metrics is not None and result.metrics["rollouts"]["expected"] == 6
+
+
+async def test_responses_create_params_are_merged_into_each_row(tmp_path: Path, sim: SimAgent) -> None:
+    rows = [{"responses_create_params": {"input": "hi", "temperature": 1.0, "max_output_tokens": 9}}]
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    await collect(config(inp, tmp_path / "out.jsonl", sim.url,
+                         responses_create_params={"temperature": 0.25, "top_p": 0.5}))
+    sent = sim.stats.bodies_last[(0, 0)]
+    assert sent["responses_create_params"] == {"input": "hi", "temperature": 0.25, "max_output_tokens": 9,
+                                               "top_p": 0.5}
+    assert sent["agent_ref"] == {"name": "sim_agent"}
+    (written,) = read_jsonl(tmp_path / "out.jsonl")
+    assert written["responses_create_params"]["temperature"] == 0.25
+
+
+async def test_rows_go_to_their_own_agent(tmp_path: Path) -> None:
+    rows = [*make_rows(3), *make_rows(3, agent_ref={"type": "responses_api_agents", "name": "other"})]
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    async with SimAgent(agent_names=("sim_agent",)) as first, SimAgent(agent_names=("other",)) as second:
+        first.config.service_time_s = second.config.service_time_s = 0.0
+        cfg = config(inp, tmp_path / "out.jsonl", first.url, agents={"other": second.url})
+        assert (await collect(cfg)).exit_code == 0
+    assert sorted(k[0] for k in first.stats.succeeded) == [0, 1, 2]
+    assert sorted(k[0] for k in second.stats.succeeded) == [3, 4, 5]
+    written = {r["_ng_task_index"]: r["agent_ref"] for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert written[0] == {"name": "sim_agent"}
+    assert written[4] == {"type": "responses_api_agents", "name": "other"}
+
+
+async def test_agents_resolved_through_the_head_server(tmp_path: Path) -> None:
+    async with SimAgent(SimAgentConfig(service_time_s=0.0), agent_names=("my_agent",)) as sim:
+        inp = write_rows(tmp_path / "in.jsonl", make_rows(5))
+        cfg = config(inp, tmp_path / "out.jsonl", None, agent_name="my_agent", head_server_url=sim.url)
+        assert (await collect(cfg)).exit_code == 0
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 5
+
+
+EXAMPLES = sorted((SHARED_DATA / "nemo_gym_examples").glob("*__example.jsonl")) + sorted(
+    (SHARED_DATA / "nemo_gym_datasets").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
+async def test_every_nemo_gym_example_input_goes_through(tmp_path: Path, example: Path) -> None:
+    async with SimAgent(SimAgentConfig(service_time_s=0.0)) as sim:
+        cfg = config(example, tmp_path / "out.jsonl", None, head_server_url=sim.url, num_samples_in_parallel=16)
+        sim.agent_names = ("sim_agent", *_agent_names(example))
+        result = await collect(cfg)
+    assert result.exit_code == 0
+    rollouts = read_jsonl(tmp_path / "out.jsonl")
+    source = read_jsonl(example)
+    assert sorted(pairs(rollouts)) == [(i, 0) for i in range(len(source))]
+    for rollout in rollouts:
+        row = source[rollout["_ng_task_index"]]
+        assert rollout["responses_create_params"] == row["responses_create_params"]
+        assert rollout["response"]["object"] == "response" and "reward" in rollout
+
+
+def _agent_names(path: Path) -> list[str]:
+    return sorted({r["agent_ref"]["name"] for r in read_jsonl(path) if "agent_ref" in r})

@@ -1,0 +1,316 @@
+"""merge_rollouts on real temp files: order, gaps, overlaps, failures, metrics, the console command."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gym_collect.errors import ConfigError, OutputError
+from gym_collect.merge import MergeRefused, check_shards, main, merge_metrics, merge_rollouts
+from gym_collect.metrics import RunMetrics
+from gym_collect.stats import LatencyHistogram
+
+Pair = tuple[int, int]
+
+
+def row(task: int, rollout: int, **extra: Any) -> dict[str, Any]:
+    return {"_ng_task_index": task, "_ng_rollout_index": rollout, "agent_ref": {"name": "agent"},
+            "reward": (task + rollout) % 2 * 1.0, **extra}
+
+
+def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in rows))
+    return path
+
+
+def shard(path: Path, pairs: Iterable[Pair], failed: Iterable[Pair] = ()) -> Path:
+    write_jsonl(path, (row(t, r) for t, r in pairs))
+    failed = list(failed)
+    if failed:
+        records = ({"_ng_task_index": t, "_ng_rollout_index": r, "error_class": "HTTP500"} for t, r in failed)
+        write_jsonl(path.with_name(path.stem + "_failures.jsonl"), records)
+    return path
+
+
+def pairs(tasks: Iterable[int], repeats: int = 2) -> list[Pair]:
+    return [(t, r) for t in tasks for r in range(repeats)]
+
+
+def ids(path: Path) -> list[Pair]:
+    lines = path.read_bytes().splitlines()
+    return [(d["_ng_task_index"], d["_ng_rollout_index"]) for d in map(orjson.loads, lines)]
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> list[Path]:
+    """Shards over tasks 0-299 x 2, rows shuffled within each, named out of task order."""
+    rng = random.Random(0)
+    out = []
+    for name, tasks in (("b", range(100, 200)), ("c", range(200, 300)), ("a", range(0, 100))):
+        p = pairs(tasks)
+        rng.shuffle(p)
+        out.append(shard(tmp_path / f"shard_{name}.jsonl", p))
+    return out
+
+
+def test_good_shards_merge_in_task_order(three: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "merged" / "all.jsonl"
+    check = merge_rollouts(three, out, num_repeats=2, expected_tasks=range(300))
+    assert check.ok and check.succeeded == 600 and check.failed == 0
+    got = ids(out)
+    assert Counter(got) == Counter(pairs(range(300)))
+    by_shard = [ids(p) for p in sorted(three)]  # shard_a, shard_b, shard_c: verbatim, in task order
+    assert got == by_shard[0] + by_shard[1] + by_shard[2]
+    assert [s.path.name for s in check.shards] == ["shard_a.jsonl", "shard_b.jsonl", "shard_c.jsonl"]
+    assert not (tmp_path / "merged" / "all_failures.jsonl").exists()
+    metrics = orjson.loads((tmp_path / "merged" / "all_metrics.json").read_bytes())
+    assert metrics["metrics_missing"] == [str(p) for p in sorted(three)]  # no shard wrote metrics here
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["all.jsonl", "all_metrics.json"]
+
+
+def test_inferred_range_and_blank_lines(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(5, 10), 1))
+    with a.open("ab") as f:
+        f.write(b"\n  \n" + orjson.dumps(row(10, 0)))  # blank lines skipped, last line without newline
+    out = tmp_path / "m.jsonl"
+    check = merge_rollouts([a], out)
+    assert check.expected_tasks == range(5, 11)
+    assert ids(out) == pairs(range(5, 11), 1) and out.read_bytes().endswith(b"\n")
+
+
+def refused(paths: list[Path], out: Path, **kw: Any) -> str:
+    with pytest.raises(MergeRefused) as info:
+        merge_rollouts(paths, out, **kw)
+    assert not out.exists()
+    assert not any(p.name.endswith(".tmp") for p in out.parent.iterdir())
+    return str(info.value)
+
+
+def test_gap_is_refused_naming_the_range_and_neighbours(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 120)))
+    b = shard(tmp_path / "b.jsonl", pairs(range(140, 400)))
+    c = shard(tmp_path / "c.jsonl", [p for p in pairs(range(400, 500)) if p != (450, 1)])
+    msg = refused([a, b, c], tmp_path / "m.jsonl", num_repeats=2)
+    assert f"missing tasks 120-139 (all 2 rollouts) between {a} (tasks 0-119) and {b} (tasks 140-399)" in msg
+    assert f"missing task 450 (rollout 1) inside {c}" in msg
+    msg = refused([a, b, c], tmp_path / "m.jsonl", num_repeats=2, expected_tasks=range(520))
+    assert "missing tasks 500-519 (all 2 rollouts) after the last shard" in msg
+
+
+def test_overlap_is_refused_naming_tasks_and_both_shards(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 110)))
+    b = shard(tmp_path / "b.jsonl", pairs(range(100, 200)))
+    msg = refused([a, b], tmp_path / "m.jsonl", num_repeats=2)
+    assert f"duplicated tasks 100-109 (all 2 rollouts) in both {a} and {b}" in msg
+    check = check_shards([a, b], None, 2)
+    assert check.duplicated == ((a, b, ((100, 109),), (0, 1)),)
+
+
+def test_repeat_inside_one_shard_is_refused(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", [*pairs(range(10), 1), (3, 0)])
+    assert f"duplicated task 3 twice in {a}" in refused([a], tmp_path / "m.jsonl")
+
+
+def test_failures_count_as_accounted_and_are_concatenated(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", [p for p in pairs(range(0, 50)) if p not in {(7, 1), (8, 0)}],
+              failed=[(7, 1), (8, 0)])
+    b = shard(tmp_path / "b.jsonl", [p for p in pairs(range(50, 100)) if p != (60, 0)], failed=[(60, 0)])
+    out = tmp_path / "m.jsonl"
+    check = merge_rollouts([b, a], out, num_repeats=2)
+    assert (check.succeeded, check.failed) == (197, 3)
+    assert "197 succeeded, 3 failed" in check.describe()
+    assert ids(tmp_path / "m_failures.jsonl") == [(7, 1), (8, 0), (60, 0)]
+    msg = refused([a, b], tmp_path / "n.jsonl", num_repeats=2, strict=True)
+    assert "--strict: 3 failed rollouts at tasks 7-8, 60" in msg and "a_failures.jsonl" in msg
+
+
+def test_superseded_and_repeated_failures_are_dropped(tmp_path: Path) -> None:
+    # (5, 0) failed, then succeeded on resume; (6, 0) failed twice (two runs): one record each survives.
+    a = shard(tmp_path / "a.jsonl", pairs(range(10), 1)[:6] + pairs(range(7, 10), 1),
+              failed=[(5, 0), (6, 0), (6, 0)])
+    out = tmp_path / "m.jsonl"
+    check = merge_rollouts([a], out)
+    assert (check.succeeded, check.failed, check.shards[0].dropped_failure_rows) == (9, 1, 2)
+    assert ids(tmp_path / "m_failures.jsonl") == [(6, 0)]
+    assert "2 superseded or repeated failure records dropped" in check.describe()
+
+
+def test_failure_in_another_shard_is_an_overlap(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(10), 1))
+    b = shard(tmp_path / "b.jsonl", pairs(range(10, 20), 1), failed=[(4, 0)])
+    msg = refused([a, b], tmp_path / "m.jsonl")
+    assert f"duplicated task 4 in both {a} and {tmp_path / 'b_failures.jsonl'}" in msg
+
+
+def test_stale_failures_file_is_removed(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(10), 1))
+    write_jsonl(tmp_path / "m_failures.jsonl", [row(1, 0)])
+    merge_rollouts([a], tmp_path / "m.jsonl")
+    assert not (tmp_path / "m_failures.jsonl").exists()
+
+
+def test_expected_range_from_input_and_start_idx(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(b'{"q": 1}\n\n{"q": 2}\n{"q": 3}\n')  # 3 rows
+    a = shard(tmp_path / "a.jsonl", pairs(range(10, 14), 1))
+    out = str(tmp_path / "m.jsonl")
+    assert main(["--output", out, str(a), "--input", str(prompts), "--start-idx", "10"]) == 2
+    msg = refused([a], tmp_path / "m.jsonl", expected_tasks=range(10, 13))
+    assert f"{a}: task 13 outside the expected tasks 10-12" in msg
+    assert main(["--output", out, str(a), "--num-tasks", "4", "--start-idx", "10"]) == 0
+
+
+def test_rollout_index_beyond_num_repeats(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4), 3))
+    msg = refused([a], tmp_path / "m.jsonl", num_repeats=2)
+    assert f"{a}: rollout index >= --num-repeats 2 at tasks 0-3" in msg
+
+
+def test_malformed_lines_name_file_and_line(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4), 1))
+    with a.open("ab") as f:
+        f.write(b'[1, 2]\n{"_ng_task_index": 4}\n{"_ng_task_index": 4, "_ng_rollout')
+    msg = refused([a], tmp_path / "m.jsonl")
+    assert f"{a}:5: not a JSON object but list (and 2 more bad lines in this file)" in msg
+
+
+def test_missing_shard_file_and_bad_arguments(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4), 1))
+    ghost = tmp_path / "ghost.jsonl"
+    msg = refused([a, ghost], tmp_path / "m.jsonl", expected_tasks=range(8))
+    assert f"{ghost}: shard file not found" in msg
+    with pytest.raises(ConfigError):
+        check_shards([a, tmp_path / "." / "a.jsonl"], None, 1)
+    with pytest.raises(OutputError):
+        merge_rollouts([a], a)
+    with pytest.raises(OutputError):
+        merge_rollouts([a], tmp_path / "a_failures.jsonl")
+
+
+def test_huge_expected_range_is_reported_quickly(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4), 1))
+    msg = refused([a], tmp_path / "m.jsonl", expected_tasks=range(100_000_000))
+    assert "missing tasks 4-99999999 after the last shard" in msg
+
+
+def run_metrics(rewards: list[float], latencies: list[float], wall_s: float,
+                failures: list[str]) -> dict[str, Any]:
+    """A metrics document as the collector writes it, through JSON."""
+    now = [0.0]
+    m = RunMetrics(expected=len(rewards) + len(failures), clock=lambda: now[0])
+    for i, (reward, latency) in enumerate(zip(rewards, latencies, strict=True)):
+        m.add_success("agent", latency, row(i, 0, reward=reward, tokens=i))
+    for error_class in failures:
+        m.add_failure("agent", error_class)
+    m.attempts, m.retries = len(rewards) + 2 * len(failures), len(failures)
+    now[0] = wall_s
+    return orjson.loads(orjson.dumps(m.snapshot()))  # type: ignore[no-any-return]
+
+
+def test_metrics_merge_counts_and_means_exactly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rng = random.Random(1)
+    specs = [([1.0, 0.0, 1.0, 1.0], 4.0, ["HTTP500"]), ([0.0, 0.0, 0.5, 1.0], 9.5, []),
+             ([1.0] * 4 + [0.0] * 4, 6.0, ["HTTP500", "AgentTimeout"])]
+    shards, latencies, first = [], [], 0
+    for i, (rewards, wall, failures) in enumerate(specs):
+        lat = [rng.uniform(0.01, 30.0) for _ in rewards]
+        latencies += lat
+        n = len(rewards)
+        p = shard(tmp_path / f"s{i}.jsonl", [(first + t, 0) for t in range(n)],
+                  failed=[(first + n + k, 0) for k in range(len(failures))])
+        first += n + len(failures)
+        (tmp_path / f"s{i}_metrics.json").write_bytes(orjson.dumps(run_metrics(rewards, lat, wall, failures)))
+        shards.append(p)
+    shards.append(shard(tmp_path / "s3.jsonl", [(first, 0)]))  # no metrics file
+    with caplog.at_level(logging.WARNING, logger="gym_collect.merge"):
+        merge_rollouts(shards, tmp_path / "m.jsonl", expected_tasks=range(first + 1))
+    assert "s3_metrics.json: no metrics file" in caplog.text
+    m = orjson.loads((tmp_path / "m_metrics.json").read_bytes())
+    assert m["schema"] == "gym_collect.metrics/1"
+    assert m["rollouts"] == {"expected": 19, "succeeded": 16, "failed": 3, "skipped_resume": 0,
+                             "not_persisted": 0, "interrupted": 0}
+    assert (m["attempts"], m["retries"]) == (22, 3)
+    assert m["by_agent"] == {"agent": {"succeeded": 16, "failed": 3}}
+    assert m["failures_by_class"] == {"HTTP500": 2, "AgentTimeout": 1}
+    assert m["wall_time_s"] == 9.5 and m["rollouts_per_s"] == 16 / 9.5
+    rewards = [r for rs, _, _ in specs for r in rs]
+    assert m["fields"]["agent"]["reward"]["mean"] == sum(rewards) / 16  # dyadic: exact
+    assert math.isclose(m["fields"]["agent"]["reward"]["std"], statistics.pstdev(rewards), rel_tol=1e-12)
+    assert m["fields"]["agent"]["tokens"]["count"] == 16
+    whole = LatencyHistogram()
+    for x in latencies:
+        whole.record(x)
+    assert {k: v for k, v in m["latency_s"].items() if k != "mean"} == {
+        k: v for k, v in whole.summary().items() if k != "mean"}
+    assert math.isclose(m["latency_s"]["mean"], whole.summary()["mean"], rel_tol=1e-12)
+    assert m["shards"] == [str(p) for p in shards] and m["metrics_missing"] == [str(shards[3])]
+
+
+def test_merge_metrics_function_rejects_malformed() -> None:
+    good = run_metrics([1.0], [0.5], 1.0, [])
+    assert merge_metrics([good, good])["rollouts"]["succeeded"] == 2  # type: ignore[index]
+    assert merge_metrics([])["rollouts_per_s"] == 0.0
+    coarser = {**good["latency_histogram"], "relative_error": 0.02}
+    for bad in ({**good, "schema": "other/1"}, {**good, "attempts": -1},
+                {**good, "rollouts": {"succeeded": 1}}, {**good, "latency_histogram": coarser}):
+        with pytest.raises(ValueError, match="shard metrics #1"):
+            merge_metrics([good, bad])
+
+
+def test_console_command(three: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "m.jsonl"
+    cmd = [sys.executable, "-m", "gym_collect.merge", "--output", str(out), "--num-repeats", "2"]
+    ok = subprocess.run([*cmd, *map(str, three)], capture_output=True, text=True, check=False)
+    assert ok.returncode == 0, ok.stderr
+    assert "600 succeeded, 0 failed" in ok.stdout and len(ids(out)) == 600
+    out.unlink()
+    gap = subprocess.run([*cmd, str(three[1]), str(three[2])], capture_output=True, text=True, check=False)
+    assert gap.returncode == 2
+    assert (f"missing tasks 100-199 (all 2 rollouts) between {three[2]} (tasks 0-99) and {three[1]} "
+            "(tasks 200-299)") in gap.stderr
+    assert not out.exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 3), st.integers(1, 4), st.randoms(use_true_random=False), st.data())
+def test_any_partition_merges_and_any_loss_is_named(num_tasks: int, repeats: int, num_shards: int,
+                                                     rng: random.Random, data: st.DataObject) -> None:
+    everything = pairs(range(num_tasks), repeats)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        owner = [rng.randrange(num_shards) for _ in everything]
+        failed = {p for p in everything if rng.random() < 0.1}
+        paths = []
+        for k in range(num_shards):
+            mine = [p for p, o in zip(everything, owner, strict=True) if o == k]
+            rng.shuffle(mine)
+            paths.append(shard(folder / f"s{k}.jsonl", [p for p in mine if p not in failed],
+                               failed=[p for p in mine if p in failed]))
+        expected = range(num_tasks)
+        check = merge_rollouts(paths, folder / "m.jsonl", expected_tasks=expected, num_repeats=repeats)
+        assert (check.succeeded, check.failed) == (len(everything) - len(failed), len(failed))
+        merged = ids(folder / "m.jsonl") + (ids(folder / "m_failures.jsonl") if failed else [])
+        assert sorted(merged) == everything
+        lost = data.draw(st.sampled_from(everything))
+        k = owner[everything.index(lost)]
+        name = paths[k].name if lost not in failed else f"s{k}_failures.jsonl"
+        src = folder / name
+        src.write_bytes(b"".join(line + b"\n" for line in src.read_bytes().splitlines()
+                                 if orjson.loads(line)["_ng_task_index"] != lost[0]
+                                 or orjson.loads(line)["_ng_rollout_index"] != lost[1]))
+        with pytest.raises(MergeRefused, match=rf"missing task[s]? ({lost[0]}\b|\d+-)"):
+            merge_rollouts(paths, folder / "n.jsonl", expected_tasks=expected, num_repeats=repeats)
