@@ -62,8 +62,8 @@ def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> li
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
             raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
-        if match["prefix"] == "+":
-            arg = "++" + arg[1:]
+        if match["prefix"] == "+" or (match["prefix"] == "" and top in open_ and key != top):
+            arg = "++" + arg.lstrip("+")  # add-or-override: valid whether or not the key exists yet
         out.append(arg)
     return out
 

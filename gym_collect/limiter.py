@@ -15,7 +15,7 @@ import random
 from collections import deque
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 
 __all__ = [
@@ -85,7 +85,7 @@ class ConcurrencyGate:
             if fut.done() and not fut.cancelled():
                 # The permit was granted just before the cancellation landed: hand it on.
                 self.release()
-            else:
+            elif fut in self._waiters:  # _wake may have popped it already
                 self._waiters.remove(fut)
             raise
 
@@ -197,14 +197,16 @@ class AdaptiveLimitConfig:
 
 @dataclass
 class _Probe:
-    """State of one no-load RTT measurement (see `AdaptiveLimit`)."""
+    """One no-load latency measurement in progress (see `AdaptiveLimit`)."""
 
     limit: int
     saved_est: float
     start_s: float
+    rate_before_per_s: float
     drained_s: float | None = None
-    ref_rtt_s: float = 0.0
-    samples: list[float] = field(default_factory=list)
+    measure_from_s: float | None = None
+    completions: int = 0
+    in_flight_sum: int = 0
 
 
 class AdaptiveLimit:
@@ -212,44 +214,45 @@ class AdaptiveLimit:
 
     Every call passes `now_s` (monotonic seconds) and returns the new integer limit (requests in flight).
 
-    Algorithm: the update law of Netflix concurrency-limits `Gradient2Limit` / `GradientLimit`
-    (https://github.com/Netflix/concurrency-limits, `concurrency-limits-core/.../limit/Gradient2Limit.java`),
-    evaluated once per sample window as in its `WindowedLimit`::
+    Update law: Netflix concurrency-limits `Gradient2Limit` (https://github.com/Netflix/concurrency-limits,
+    `concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java`),
+    applied once per sample window as its `WindowedLimit` does, with the queue allowance of `GradientLimit`::
 
-        gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt_window))
-        target   = limit * gradient + queue,          queue = max(growth_min, sqrt(limit))
-        limit    = limit*(1 - smoothing) + target*smoothing   if target < limit   (decrease, smoothed)
-                   min(target, limit + step)                    otherwise          (growth)
+        gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt))
+        queue    = max(growth_min, sqrt(limit))
+        limit    = limit + step                                            if gradient == 1
+                   limit*(1 - smoothing) + (limit*gradient + queue)*smoothing   otherwise
 
-    `rtt_window` is the median latency of a window of at least `window_min_samples` successes spanning
-    `window_rtts` RTTs (the median resists the long tails of per-row rollout times). Against a backend of
-    capacity C, latency = rtt_noload * limit / C past C, so the fixed point is limit = rtt_tolerance * C +
-    sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy while queueing stays bounded.
+    `rtt` is the mean latency of a window of at least `window_min_samples` successes spanning `window_rtts`
+    RTTs (the mean, as in `WindowedLimit`, because by Little's law mean latency = in-flight / throughput).
+    Past a capacity C the backend queues, rtt = rtt_noload * limit / C, and the fixed point is
+    limit = rtt_tolerance * C + sqrt(limit): a standing queue of about sqrt(limit) keeps it busy.
+    `step` = `queue` (fast growth far below max), except near the last overload (below).
+    No growth while the window's peak in-flight + queue < limit (application-limited, as in `GradientLimit`).
 
-    Departure from Gradient2: its baseline is a long-term EMA of the RTT, which absorbs a standing queue and
-    lets the limit creep upwards for as long as the growth is slower than the EMA. Here `rtt_noload` is the
-    no-load RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas: New Techniques for Congestion
-    Detection and Avoidance", SIGCOMM 1994; as `rtt_noload` in concurrency-limits `VegasLimit`): the minimum
-    of window medians, and replaced, every max(`probe_interval_s`, `probe_interval_rtts` * RTT), by a probe
-    in the manner of BBR's ProbeRTT (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue
-    14(5), 2016): the limit drops to `probe_ratio` * limit * rtt_noload / rtt_window (the estimated
-    concurrency without queueing) until the excess has drained, then the median of `probe_rtts` RTTs of
-    requests started after the drain becomes the new `rtt_noload`. A baseline shifted up (slower service)
-    or down is thus re-learned within one probe interval, and an old minimum never pins the limit.
+    Departure from Gradient2: its `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
+    so the limit creeps up for as long as the growth is slower than the EMA (in `simulate_closed_loop`,
+    C=32: 59 at 60 s, 178 at 600 s). Here `rtt_noload` is the no-load RTT of TCP Vegas (Brakmo, O'Malley &
+    Peterson, "TCP Vegas: New Techniques for Congestion Detection and Avoidance", SIGCOMM 1994), measured,
+    as BBR measures RTprop (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 14(5),
+    2016, ProbeRTT), by a probe: the limit drops to `probe_ratio` * limit * rtt_noload / rtt (the estimated
+    concurrency without a queue); once in-flight has drained to it, `probe_rtts` RTTs of completions give
+    rtt_noload = mean in-flight / throughput (Little's law, unbiased by heavy-tailed latencies, unlike the
+    first completions' latencies). Probes run every max(`probe_interval_s`, `probe_interval_rtts` * RTT),
+    at once when a window's RTT falls below rtt_noload / rtt_tolerance, and again right away (up to 3 times)
+    when the probe lost no throughput (still saturated, so the estimate was only an upper bound). A shifted
+    baseline, up or down, is thus re-learned within a probe interval and never pins the limit.
 
-    Growth is `step = queue` per window (fast far below max), except within one step of the limit at the
-    last overload, where it is `ceiling_step` per window (additive increase, RFC 5681 §3.1 congestion
-    avoidance); that memory is dropped once the limit passes it by one step. No growth while the window's
-    peak in-flight + queue < limit (application-limited, as in `GradientLimit`).
-
-    Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease limit *= `backoff_ratio`
+    Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease, limit *= `backoff_ratio`
     (Jacobson, "Congestion Avoidance and Control", SIGCOMM 1988; RFC 5681 §3.1; concurrency-limits
-    `AIMDLimit` default 0.9), at most once per max(`decrease_cooldown_s`, last window RTT), so one burst of
-    errors from the requests of one RTT costs one decrease. `on_error` (4xx, reset) changes nothing.
+    `AIMDLimit`), at most once per max(`decrease_cooldown_s`, RTT), so one burst of errors from the requests
+    of one RTT costs one decrease. Growth then slows near the limit that overloaded, in the manner of CUBIC
+    (RFC 9438): full steps up to one request below it, `ceiling_step` per window across the last request,
+    then doubling each window past it until a full step, when it is forgotten. `on_error` changes nothing.
 
-    `history` holds (now_s, limit) each time the integer limit changed (not the initial limit). It keeps at
-    most `history_max_points`: when full, every second point is dropped and from then on only every
-    2nd (then 4th, ...) change is recorded, so it always spans the whole run at uniform resolution.
+    `history`: (now_s, limit) each time the integer limit changed (the initial limit is not listed). It
+    keeps at most `history_max_points`: when full, every second point is dropped and from then on only
+    every 2nd (then 4th, ...) change is recorded, so it spans the whole run at uniform resolution.
     """
 
     def __init__(self, config: AdaptiveLimitConfig) -> None:
@@ -259,15 +262,20 @@ class AdaptiveLimit:
         self._base_s: float | None = None
         self._rtt_s: float | None = None
         self._last_latency_s: float | None = None
-        self._win: list[float] = []
+        self._win_sum_s = 0.0
+        self._win_sq_sum_s2 = 0.0
+        self._win_count = 0
         self._win_start_s: float | None = None
-        self._win_max_in_flight = 0
-        self._next_probe_s: float | None = None
+        self._win_peak = 0
+        self._ignore_until_s = -math.inf
+        self._next_probe_s = math.inf
+        self._last_probe_end_s = -math.inf
+        self._reprobes = 0
+        self._reprobe_limit: int | None = None
         self._probe: _Probe | None = None
         self._last_decrease_s: float | None = None
         self._ceiling: float | None = None
         self._windows_past_ceiling = 0
-        self._ignore_until_s = -math.inf
         self._history: list[tuple[float, int]] = []
         self._hist_stride = 1
         self._hist_changes = 0
@@ -285,7 +293,7 @@ class AdaptiveLimit:
 
     @property
     def rtt_noload_s(self) -> float | None:
-        """Current no-load latency estimate (s); None before the first window."""
+        """Current no-load mean latency estimate (s); None before the first window."""
         return self._base_s
 
     @property
@@ -294,26 +302,26 @@ class AdaptiveLimit:
         return list(self._history)
 
     def on_success(self, latency_s: float, in_flight: int, now_s: float) -> int:
-        """Feed one success: its latency (s, > 0 after flooring at 1 us) and the requests in flight when it
-        completed, itself included. ValueError if `latency_s` is negative or not finite."""
+        """Feed one success: latency (s, floored at 1 us) and requests in flight as it completed, itself
+        included. ValueError if `latency_s` is negative or not finite."""
         if not (math.isfinite(latency_s) and latency_s >= 0.0):
             raise ValueError(f"latency_s must be finite and >= 0, got {latency_s}")
         lat = max(latency_s, _RTT_FLOOR_S)
         self._last_latency_s = lat
         if self._probe is not None:
-            self._probe_sample(self._probe, lat, in_flight, now_s)
-            return self._publish(now_s)
-        if now_s < self._ignore_until_s:
-            return self._publish(now_s)  # refill after a probe: not representative
-        if self._win_start_s is None:
-            self._win_start_s = now_s
-        self._win.append(lat)
-        self._win_max_in_flight = max(self._win_max_in_flight, in_flight)
-        ref_s = self._rtt_s if self._rtt_s is not None else (self._base_s or self._win[0])
-        if len(self._win) >= self._cfg.window_min_samples and (
-            now_s - self._win_start_s >= self._cfg.window_rtts * ref_s
-        ):
-            self._close_window(now_s)
+            self._probe_sample(self._probe, in_flight, now_s)
+        elif now_s >= self._ignore_until_s:
+            if self._win_start_s is None:
+                self._win_start_s = now_s
+            self._win_sum_s += lat
+            self._win_sq_sum_s2 += lat * lat
+            self._win_count += 1
+            self._win_peak = max(self._win_peak, in_flight)
+            ref_s = self._rtt_s if self._rtt_s is not None else self._win_sum_s / self._win_count
+            if self._win_count >= self._cfg.window_min_samples and (
+                now_s - self._win_start_s >= self._cfg.window_rtts * ref_s
+            ):
+                self._close_window(now_s)
         return self._publish(now_s)
 
     def on_overload(self, now_s: float) -> int:
@@ -334,28 +342,29 @@ class AdaptiveLimit:
 
     def _close_window(self, now_s: float) -> None:
         cfg = self._cfg
-        rtt_s = _median(self._win)
-        peak = self._win_max_in_flight
-        self._win = []
-        self._win_start_s = now_s
-        self._win_max_in_flight = 0
+        assert self._win_start_s is not None
+        count = self._win_count
+        rtt_s = self._win_sum_s / count
+        # Standard error of the mean latency, from the window's own spread.
+        stderr_s = math.sqrt(max(0.0, self._win_sq_sum_s2 / count - rtt_s * rtt_s) / count)
+        rate_per_s = count / max(now_s - self._win_start_s, _RTT_FLOOR_S)
+        peak = self._win_peak
+        self._reset_window()
         self._rtt_s = rtt_s
-        if self._base_s is None or self._next_probe_s is None:
-            self._base_s = rtt_s
-            self._next_probe_s = now_s + self._probe_interval_s()
-        elif rtt_s * self._cfg.rtt_tolerance < self._base_s:
-            self._base_s = rtt_s
-        if now_s >= self._next_probe_s:
-            self._start_probe(now_s)
+        if self._base_s is None:  # the first window only sizes the first probe: it is biased to fast requests
+            self._start_probe(now_s, rate_per_s)
+            return
+        faster = (rtt_s + 2.0 * stderr_s) * cfg.rtt_tolerance < self._base_s
+        if now_s >= self._next_probe_s or (faster and now_s - self._last_probe_end_s >= 5.0 * rtt_s):
+            self._start_probe(now_s, rate_per_s)
             return
         est = self._est
         queue = max(cfg.growth_min, math.sqrt(est))
         gradient = max(0.5, min(1.0, cfg.rtt_tolerance * self._base_s / rtt_s))
-        target = est * gradient + queue
-        if target < est:
-            self._est = self._clamp(est * (1.0 - cfg.smoothing) + target * cfg.smoothing)
+        if gradient < 1.0:
+            self._est = self._clamp(est * (1.0 - cfg.smoothing) + (est * gradient + queue) * cfg.smoothing)
         elif peak + queue >= est:
-            self._est = self._clamp(min(target, est + self._growth_step(est, queue)))
+            self._est = self._clamp(est + self._growth_step(est, queue))
 
     def _growth_step(self, est: float, queue: float) -> float:
         ceiling = self._ceiling
@@ -371,47 +380,74 @@ class AdaptiveLimit:
             self._ceiling = None
         return min(step, queue)
 
-    def _start_probe(self, now_s: float) -> None:
-        cfg = self._cfg
-        assert self._base_s is not None and self._rtt_s is not None
-        no_queue = self._est * min(1.0, self._base_s / self._rtt_s)
-        probe_limit = self._clamp_int(math.floor(cfg.probe_ratio * no_queue))
-        self._probe = _Probe(limit=probe_limit, saved_est=self._est, start_s=now_s, ref_rtt_s=self._base_s)
+    def _start_probe(self, now_s: float, rate_before_per_s: float) -> None:
+        assert self._rtt_s is not None
+        limit = self._reprobe_limit
+        if limit is None:
+            no_queue = self._est * min(1.0, (self._base_s or self._rtt_s) / self._rtt_s)
+            limit = self._clamp_int(math.floor(self._cfg.probe_ratio * no_queue))
+        self._probe = _Probe(
+            limit=limit,
+            saved_est=self._est,
+            start_s=now_s,
+            rate_before_per_s=rate_before_per_s,
+        )
 
-    def _probe_sample(self, probe: _Probe, lat: float, in_flight: int, now_s: float) -> None:
+    def _probe_sample(self, probe: _Probe, in_flight: int, now_s: float) -> None:
+        # Phases: drain to probe.limit in flight; settle for one RTT (requests admitted before the drain
+        # leave); measure throughput over probe_rtts RTTs, counting completions strictly after the first.
+        # Phases: drain to probe.limit in flight; settle for one RTT (requests admitted before the drain
+        # leave); measure throughput over probe_rtts RTTs, counting completions in [first, last).
         cfg = self._cfg
-        timeout_s = 4.0 * (cfg.probe_rtts + 1.0) * max(probe.ref_rtt_s, self._rtt_s or 0.0)
-        if now_s - probe.start_s > timeout_s:
-            self._end_probe(now_s, None)
+        assert self._rtt_s is not None
+        ref_s = self._base_s or self._rtt_s
+        if now_s - probe.start_s > 4.0 * (cfg.probe_rtts + 2.0) * max(ref_s, self._rtt_s):
+            self._end_probe(now_s, None)  # never drained or too few completions: keep the old baseline
             return
         if probe.drained_s is None:
             if in_flight <= probe.limit:
                 probe.drained_s = now_s
             return
-        if now_s - lat < probe.drained_s - 1e-9:
-            return  # started before the drain: it may have queued
-        probe.samples.append(lat)
-        needed = min(cfg.window_min_samples, probe.limit)
-        if len(probe.samples) < needed or now_s - probe.drained_s < cfg.probe_rtts * probe.ref_rtt_s:
-            return
-        median_s = _median(probe.samples)
-        if now_s - probe.drained_s < cfg.probe_rtts * median_s:
-            probe.ref_rtt_s = median_s  # samples so far are truncated at the elapsed time: keep going
-            return
-        self._end_probe(now_s, median_s)
+        if probe.measure_from_s is None:
+            if now_s - probe.drained_s < ref_s:
+                return
+            probe.measure_from_s = now_s
+        elapsed_s = now_s - probe.measure_from_s
+        if probe.completions >= min(cfg.window_min_samples, probe.limit) and elapsed_s > 0.0:
+            rtt_noload_s = probe.in_flight_sum / probe.completions * elapsed_s / probe.completions
+            if elapsed_s >= cfg.probe_rtts * max(ref_s, rtt_noload_s):
+                self._end_probe(now_s, rtt_noload_s)
+                return
+        probe.completions += 1
+        probe.in_flight_sum += in_flight
 
     def _end_probe(self, now_s: float, rtt_noload_s: float | None) -> None:
         probe = self._probe
         assert probe is not None
         self._probe = None
         self._est = probe.saved_est
-        if rtt_noload_s is not None:
-            self._base_s = min(rtt_noload_s, self._rtt_s) if self._rtt_s is not None else rtt_noload_s
         self._next_probe_s = now_s + self._probe_interval_s()
+        if rtt_noload_s is not None and probe.measure_from_s is not None:
+            self._base_s = rtt_noload_s
+            rate_per_s = probe.completions / max(now_s - probe.measure_from_s, _RTT_FLOOR_S)
+            # Throughput did not drop with the limit: the backend still queued, so rtt_noload is only an
+            # upper bound. Measure again at half the probe limit (a binary search down, at most 10 times).
+            saturated = rate_per_s >= 0.95 * probe.rate_before_per_s and probe.limit > self._cfg.min
+            self._reprobes = self._reprobes + 1 if saturated else 0
+            self._reprobe_limit = None
+            if saturated and self._reprobes <= 10:
+                self._reprobe_limit = self._clamp_int(probe.limit // 2)
+                self._next_probe_s = now_s
+        self._last_probe_end_s = now_s
         self._ignore_until_s = now_s + 2.0 * (self._rtt_s or 0.0)
-        self._win = []
-        self._win_start_s = now_s
-        self._win_max_in_flight = 0
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self._win_sum_s = 0.0
+        self._win_sq_sum_s2 = 0.0
+        self._win_count = 0
+        self._win_start_s = None
+        self._win_peak = 0
 
     def _probe_interval_s(self) -> float:
         return max(self._cfg.probe_interval_s, self._cfg.probe_interval_rtts * (self._base_s or 0.0))
@@ -433,12 +469,6 @@ class AdaptiveLimit:
                     self._hist_stride *= 2
                 self._history.append((now_s, limit))
         return limit
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
 
 
 @dataclass

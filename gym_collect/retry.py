@@ -7,6 +7,7 @@ delay-seconds or an HTTP-date) is a floor on the wait.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -51,14 +52,18 @@ class RetryPolicy:
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from `now` given by a `Retry-After` header value, or None if absent or malformed.
 
-    Accepts delay-seconds (`"120"`) and an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`), per RFC 9110
+    Accepts delay-seconds (`"120"`, tolerating fractions such as `"0.5"`) and an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`), per RFC 9110
     §10.2.3. A date in the past gives 0. The result is capped at one hour.
     """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER_S)
+    try:
+        seconds = float(value)  # RFC 9110 says integer; fractions are common and harmless
+    except ValueError:
+        pass
+    else:
+        return min(seconds, MAX_RETRY_AFTER_S) if seconds >= 0 and math.isfinite(seconds) else None
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

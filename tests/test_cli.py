@@ -22,7 +22,7 @@ def test_nemo_gym_plus_spelling_is_accepted_for_every_key() -> None:
             "headers.Authorization=Bearer x", "+tune.start=4", "hydra.run.dir=out", "--cfg", "job", "-m"]
     assert normalize_overrides(args) == [
         "++agent_name=a", "limit=3", "++start_idx=1", "++responses_create_params.temperature=0.5",
-        "headers.Authorization=Bearer x", "++tune.start=4", "hydra.run.dir=out", "--cfg", "job", "-m"]
+        "++headers.Authorization=Bearer x", "++tune.start=4", "hydra.run.dir=out", "--cfg", "job", "-m"]
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,8 @@ def test_retry_after_both_forms() -> None:
     assert parse_retry_after("120", now) == 120.0
     assert parse_retry_after(format_datetime(now + timedelta(seconds=30), usegmt=True), now) == 30.0
     assert parse_retry_after("Sat, 21 Nov 2026 11:00:00 GMT", now) == 0.0
+    assert parse_retry_after("0.5", now) == 0.5
+    assert parse_retry_after("-3", now) is None
     assert parse_retry_after("soon", now) is None
     assert parse_retry_after(None, now) is None
     assert parse_retry_after("999999", now) == 3600.0
