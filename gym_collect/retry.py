@@ -52,7 +52,8 @@ class RetryPolicy:
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
     """Seconds from `now` given by a `Retry-After` header value, or None if absent or malformed.
 
-    Accepts delay-seconds (`"120"`, tolerating fractions such as `"0.5"`) and an HTTP-date (`"Wed, 21 Oct 2015 07:28:00 GMT"`), per RFC 9110
+    Accepts delay-seconds (`"120"`, tolerating fractions such as `"0.5"`) and an HTTP-date
+    (`"Wed, 21 Oct 2015 07:28:00 GMT"`), per RFC 9110
     §10.2.3. A date in the past gives 0. The result is capped at one hour.
     """
     if value is None:

@@ -212,7 +212,7 @@ async def test_existing_output_is_never_overwritten_silently(tmp_path: Path, inp
 
 
 def test_a_full_disk_is_one_clear_error_and_keeps_what_was_written() -> None:
-    with LineFile(Path("/dev/full")) as f, pytest.raises(OutputError, match="write failed .*intact.*resume=true"):
+    with LineFile(Path("/dev/full")) as f, pytest.raises(OutputError, match=r"write failed .*intact.*resume=true"):
         f.write(b'{"a": 1}\n')
 
 

@@ -19,8 +19,8 @@ from gym_collect.collect import EXIT_INTERRUPTED, EXIT_OK, collect
 from gym_collect.errors import ConfigError
 from gym_collect.resume import DoneSet
 from gym_collect.sim_agent import SimAgent, SimAgentConfig, SimAgentThread
-from tests.conftest import make_rows, pairs, read_jsonl, write_rows
 from tests.conftest import config as make_config
+from tests.conftest import make_rows, pairs, read_jsonl, write_rows
 
 COLLECT = str(Path(sys.executable).parent / "collect_rollouts")
 
