@@ -160,7 +160,7 @@ class AdaptiveLimitConfig:
     max: int = 1024
     rtt_tolerance: float = 1.1
     smoothing: float = 0.2
-    growth_min: float = 4.0
+    growth_min: float = 1.0
     window_min_samples: int = 16
     window_rtts: float = 1.0
     probe_interval_s: float = 10.0
@@ -202,7 +202,8 @@ class _Probe:
     limit: int
     saved_est: float
     start_s: float
-    rate_before_per_s: float
+    rate_before_per_s: float | None  # None: calibration at the current limit, no comparison
+    expected_ratio: float = 1.0  # throughput ratio to rate_before if the backend does not queue at `limit`
     drained_s: float | None = None
     measure_from_s: float | None = None
     completions: int = 0
@@ -220,35 +221,39 @@ class AdaptiveLimit:
 
         gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt))
         queue    = max(growth_min, sqrt(limit))
-        limit    = limit + step                                            if gradient == 1
-                   limit*(1 - smoothing) + (limit*gradient + queue)*smoothing   otherwise
+        limit    = limit + step                                                if gradient == 1
+                   limit * (1 - smoothing) + (limit * gradient + queue) * smoothing   otherwise
 
     `rtt` is the mean latency of a window of at least `window_min_samples` successes spanning `window_rtts`
-    RTTs (the mean, as in `WindowedLimit`, because by Little's law mean latency = in-flight / throughput).
-    Past a capacity C the backend queues, rtt = rtt_noload * limit / C, and the fixed point is
-    limit = rtt_tolerance * C + sqrt(limit): a standing queue of about sqrt(limit) keeps it busy.
-    `step` = `queue` (fast growth far below max), except near the last overload (below).
-    No growth while the window's peak in-flight + queue < limit (application-limited, as in `GradientLimit`).
+    RTTs (the mean, as in `WindowedLimit`: by Little's law it is in-flight / throughput). Past a capacity C
+    the backend queues, rtt = rtt_noload * limit / C, and the fixed point is limit = rtt_tolerance * C +
+    sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy. `step` = `queue` (fast growth
+    far below max) except near the last overload (below); no growth while the window's peak in-flight +
+    queue < limit (application-limited, as in `GradientLimit`).
 
-    Departure from Gradient2: its `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
-    so the limit creeps up for as long as the growth is slower than the EMA (in `simulate_closed_loop`,
-    C=32: 59 at 60 s, 178 at 600 s). Here `rtt_noload` is the no-load RTT of TCP Vegas (Brakmo, O'Malley &
-    Peterson, "TCP Vegas: New Techniques for Congestion Detection and Avoidance", SIGCOMM 1994), measured,
-    as BBR measures RTprop (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 14(5),
-    2016, ProbeRTT), by a probe: the limit drops to `probe_ratio` * limit * rtt_noload / rtt (the estimated
-    concurrency without a queue); once in-flight has drained to it, `probe_rtts` RTTs of completions give
-    rtt_noload = mean in-flight / throughput (Little's law, unbiased by heavy-tailed latencies, unlike the
-    first completions' latencies). Probes run every max(`probe_interval_s`, `probe_interval_rtts` * RTT),
-    at once when a window's RTT falls below rtt_noload / rtt_tolerance, and again right away (up to 3 times)
-    when the probe lost no throughput (still saturated, so the estimate was only an upper bound). A shifted
-    baseline, up or down, is thus re-learned within a probe interval and never pins the limit.
+    Departure from Gradient2: there `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
+    so the limit creeps up for as long as it grows slower than the EMA (in `simulate_closed_loop` against
+    C=32, Gradient2 with 1 s windows reaches 59 at 60 s and 178 at 600 s). Here `rtt_noload` is the no-load
+    RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas: New Techniques for Congestion Detection and
+    Avoidance", SIGCOMM 1994), measured as BBR measures RTprop (Cardwell et al., "BBR: Congestion-Based
+    Congestion Control", ACM Queue 14(5), 2016: ProbeRTT) by a probe: the limit drops to `probe_ratio` *
+    limit * rtt_noload / rtt (the concurrency estimated to leave no queue); once in-flight has drained to it
+    and one RTT has passed, `probe_rtts` RTTs of completions give rtt_noload = mean in-flight / throughput
+    (Little's law, which heavy-tailed latencies do not bias as they bias the first completions). Probes run
+    every max(`probe_interval_s`, `probe_interval_rtts` * RTT), and early when a window is faster than
+    rtt_noload / rtt_tolerance by two standard errors. If a probe's throughput hardly fell with its limit,
+    the backend was still queued: the limit drops to the probe's and probes again at half (a binary search
+    down, up to 10 times). At start the first window is biased towards fast requests, so it only starts a
+    calibration (the same measurement at the current limit) followed by a probe at half the limit, which
+    recognises a start far above capacity. A shifted baseline, up or down, is re-learned within one probe
+    interval and never pins the limit.
 
     Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease, limit *= `backoff_ratio`
     (Jacobson, "Congestion Avoidance and Control", SIGCOMM 1988; RFC 5681 §3.1; concurrency-limits
-    `AIMDLimit`), at most once per max(`decrease_cooldown_s`, RTT), so one burst of errors from the requests
-    of one RTT costs one decrease. Growth then slows near the limit that overloaded, in the manner of CUBIC
-    (RFC 9438): full steps up to one request below it, `ceiling_step` per window across the last request,
-    then doubling each window past it until a full step, when it is forgotten. `on_error` changes nothing.
+    `AIMDLimit`), at most once per max(`decrease_cooldown_s`, RTT): a burst of errors from the requests of
+    one RTT costs one decrease. Growth then slows near the limit that overloaded, in the manner of CUBIC
+    (RFC 9438): full steps up to one request below it, `ceiling_step` per window across that last request,
+    then doubling per window past it until a full step, when it is forgotten. `on_error` changes nothing.
 
     `history`: (now_s, limit) each time the integer limit changed (the initial limit is not listed). It
     keeps at most `history_max_points`: when full, every second point is dropped and from then on only
@@ -261,18 +266,20 @@ class AdaptiveLimit:
         self._published = config.initial
         self._base_s: float | None = None
         self._rtt_s: float | None = None
+        self._rate_per_s: float | None = None
         self._last_latency_s: float | None = None
         self._win_sum_s = 0.0
         self._win_sq_sum_s2 = 0.0
         self._win_count = 0
         self._win_start_s: float | None = None
         self._win_peak = 0
+        self._rate_from_s: float | None = None
+        self._rate_count = 0
         self._ignore_until_s = -math.inf
+        self._probe: _Probe | None = None
         self._next_probe_s = math.inf
         self._last_probe_end_s = -math.inf
         self._reprobes = 0
-        self._reprobe_limit: int | None = None
-        self._probe: _Probe | None = None
         self._last_decrease_s: float | None = None
         self._ceiling: float | None = None
         self._windows_past_ceiling = 0
@@ -293,7 +300,7 @@ class AdaptiveLimit:
 
     @property
     def rtt_noload_s(self) -> float | None:
-        """Current no-load mean latency estimate (s); None before the first window."""
+        """Current no-load mean latency estimate (s); None until the start-up calibration ends."""
         return self._base_s
 
     @property
@@ -311,6 +318,10 @@ class AdaptiveLimit:
         if self._probe is not None:
             self._probe_sample(self._probe, in_flight, now_s)
         elif now_s >= self._ignore_until_s:
+            if self._rate_from_s is None:
+                self._rate_from_s = now_s
+            else:
+                self._rate_count += 1
             if self._win_start_s is None:
                 self._win_start_s = now_s
             self._win_sum_s += lat
@@ -342,21 +353,27 @@ class AdaptiveLimit:
 
     def _close_window(self, now_s: float) -> None:
         cfg = self._cfg
-        assert self._win_start_s is not None
         count = self._win_count
         rtt_s = self._win_sum_s / count
-        # Standard error of the mean latency, from the window's own spread.
         stderr_s = math.sqrt(max(0.0, self._win_sq_sum_s2 / count - rtt_s * rtt_s) / count)
-        rate_per_s = count / max(now_s - self._win_start_s, _RTT_FLOOR_S)
         peak = self._win_peak
         self._reset_window()
         self._rtt_s = rtt_s
-        if self._base_s is None:  # the first window only sizes the first probe: it is biased to fast requests
-            self._start_probe(now_s, rate_per_s)
+        assert self._rate_from_s is not None
+        if now_s > self._rate_from_s and self._rate_count > 0:
+            rate_per_s = self._rate_count / (now_s - self._rate_from_s)
+            self._rate_per_s = rate_per_s if self._rate_per_s is None else 0.5 * (self._rate_per_s + rate_per_s)
+            self._rate_from_s, self._rate_count = now_s, 0
+        if self._base_s is None:  # start-up: this window is biased to fast requests, calibrate instead
+            self._probe = _Probe(limit=self.limit, saved_est=self._est, start_s=now_s, rate_before_per_s=None)
             return
         faster = (rtt_s + 2.0 * stderr_s) * cfg.rtt_tolerance < self._base_s
-        if now_s >= self._next_probe_s or (faster and now_s - self._last_probe_end_s >= 5.0 * rtt_s):
-            self._start_probe(now_s, rate_per_s)
+        if self._rate_per_s is not None and (
+            now_s >= self._next_probe_s or (faster and now_s - self._last_probe_end_s >= 5.0 * rtt_s)
+        ):
+            no_queue = self._est * min(1.0, self._base_s / rtt_s)
+            limit = self._clamp_int(math.floor(cfg.probe_ratio * no_queue))
+            self._probe = _Probe(limit, self._est, now_s, self._rate_per_s, limit / max(no_queue, 1.0))
             return
         est = self._est
         queue = max(cfg.growth_min, math.sqrt(est))
@@ -380,28 +397,13 @@ class AdaptiveLimit:
             self._ceiling = None
         return min(step, queue)
 
-    def _start_probe(self, now_s: float, rate_before_per_s: float) -> None:
-        assert self._rtt_s is not None
-        limit = self._reprobe_limit
-        if limit is None:
-            no_queue = self._est * min(1.0, (self._base_s or self._rtt_s) / self._rtt_s)
-            limit = self._clamp_int(math.floor(self._cfg.probe_ratio * no_queue))
-        self._probe = _Probe(
-            limit=limit,
-            saved_est=self._est,
-            start_s=now_s,
-            rate_before_per_s=rate_before_per_s,
-        )
-
     def _probe_sample(self, probe: _Probe, in_flight: int, now_s: float) -> None:
-        # Phases: drain to probe.limit in flight; settle for one RTT (requests admitted before the drain
-        # leave); measure throughput over probe_rtts RTTs, counting completions strictly after the first.
-        # Phases: drain to probe.limit in flight; settle for one RTT (requests admitted before the drain
-        # leave); measure throughput over probe_rtts RTTs, counting completions in [first, last).
+        # Phases: drain to probe.limit in flight; settle one RTT (requests admitted before the drain leave);
+        # measure throughput over probe_rtts RTTs, counting completions in [first, last).
         cfg = self._cfg
         assert self._rtt_s is not None
         ref_s = self._base_s or self._rtt_s
-        if now_s - probe.start_s > 4.0 * (cfg.probe_rtts + 2.0) * max(ref_s, self._rtt_s):
+        if now_s - probe.start_s > 4.0 * (cfg.probe_rtts + 2.0) * max(ref_s, self._rtt_s, self._last_latency_s or 0.0):
             self._end_probe(now_s, None)  # never drained or too few completions: keep the old baseline
             return
         if probe.drained_s is None:
@@ -426,21 +428,32 @@ class AdaptiveLimit:
         assert probe is not None
         self._probe = None
         self._est = probe.saved_est
-        self._next_probe_s = now_s + self._probe_interval_s()
-        if rtt_noload_s is not None and probe.measure_from_s is not None:
-            self._base_s = rtt_noload_s
-            rate_per_s = probe.completions / max(now_s - probe.measure_from_s, _RTT_FLOOR_S)
-            # Throughput did not drop with the limit: the backend still queued, so rtt_noload is only an
-            # upper bound. Measure again at half the probe limit (a binary search down, at most 10 times).
-            saturated = rate_per_s >= 0.95 * probe.rate_before_per_s and probe.limit > self._cfg.min
-            self._reprobes = self._reprobes + 1 if saturated else 0
-            self._reprobe_limit = None
-            if saturated and self._reprobes <= 10:
-                self._reprobe_limit = self._clamp_int(probe.limit // 2)
-                self._next_probe_s = now_s
         self._last_probe_end_s = now_s
         self._ignore_until_s = now_s + 2.0 * (self._rtt_s or 0.0)
         self._reset_window()
+        self._rate_from_s, self._rate_count = None, 0
+        if rtt_noload_s is not None and probe.measure_from_s is not None:
+            self._base_s = rtt_noload_s
+            rate_per_s = probe.completions / (now_s - probe.measure_from_s)
+            if probe.rate_before_per_s is None:  # calibration done: now the start-up probe at half
+                half = self._clamp_int(0.5 * self._est)
+                if half < self.limit:
+                    self._probe = _Probe(half, self._est, now_s, rate_per_s, half / self.limit)
+                    return
+            else:
+                # Unqueued, throughput falls to expected_ratio. If it fell by less than a quarter of that, the
+                # backend still queued at probe.limit, which serves as well as the old limit, and rtt_noload
+                # is only an upper bound: keep probe.limit and measure again at half of it.
+                drop = 1.0 - probe.expected_ratio
+                saturated = rate_per_s >= (1.0 - 0.25 * drop) * probe.rate_before_per_s
+                if saturated and probe.limit > self._cfg.min and self._reprobes < 10:
+                    self._reprobes += 1
+                    self._est = min(self._est, float(probe.limit))
+                    half = self._clamp_int(probe.limit // 2)
+                    self._probe = _Probe(half, self._est, now_s, rate_per_s, half / probe.limit)
+                    return
+        self._reprobes = 0
+        self._next_probe_s = now_s + self._probe_interval_s()
 
     def _reset_window(self) -> None:
         self._win_sum_s = 0.0
