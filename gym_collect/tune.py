@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import itertools
 import logging
 import sys
 from collections.abc import Sequence
@@ -76,7 +77,7 @@ def next_level(steps: Sequence[Step], min_gain: float, max_error_rate: float) ->
 def choose_knee(steps: Sequence[Step], min_gain: float, max_error_rate: float) -> int:
     """The last level that gained at least `min_gain` over the one before it without errors (else the first)."""
     knee = steps[0].parallelism
-    for before, after in zip(steps, steps[1:], strict=False):
+    for before, after in itertools.pairwise(steps):
         if after.error_rate > max_error_rate or after.rollouts_per_s < before.rollouts_per_s * (1 + min_gain):
             break
         knee = after.parallelism
@@ -90,7 +91,7 @@ async def sweep(cfg: CollectConfig) -> TuneReport:
     """
     _, output = cfg.require_paths()
     folder = output.with_name(output.stem + "_tune")
-    tune, steps = cfg.tune, []
+    tune, steps = cfg.tune, list[Step]()
     level, offset, reason = tune.start, cfg.start_idx, "reached tune.max_level"
     while level <= tune.max_level:
         rows = max(tune.rows_per_step, MIN_ROWS_PER_PARALLEL_SLOT * level)
