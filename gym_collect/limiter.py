@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
 import random
 from collections import deque
@@ -491,7 +492,8 @@ class SimBackend:
     `capacity` requests are served at once, each taking `service_time_s` times a log-normal factor of
     median 1 and shape `jitter_sigma`; more wait in a FIFO queue (GPU-like) or, with
     `reject_over_capacity`, are answered 429 after `reject_latency_s` (rate-limited API).
-    `capacity_changes` holds (time_s, capacity) steps; work in service is never evicted.
+    `capacity_changes` holds (time_s, capacity) steps (work in service is never evicted) and
+    `service_time_changes` (time_s, service_time_s) steps, applying to requests that start service later.
     """
 
     capacity: int
@@ -500,6 +502,7 @@ class SimBackend:
     reject_over_capacity: bool = False
     reject_latency_s: float = 0.005
     capacity_changes: Sequence[tuple[float, int]] = ()
+    service_time_changes: Sequence[tuple[float, float]] = ()
     seed: int = 0
 
 
@@ -548,68 +551,62 @@ def simulate_closed_loop(backend: SimBackend, limiter: AdaptiveLimit | int, seco
     Successes feed `limiter.on_success(latency_s, in_flight, now_s)` and 429s `limiter.on_overload(now_s)`;
     an int `limiter` is a fixed limit. Latency counts from the client's send, queueing included.
     """
+    done, reject, set_capacity, set_service = 0, 1, 2, 3
     rng = random.Random(backend.seed)
-    events: list[tuple[float, int, int, float]] = []  # (time_s, seq, kind, start_s)
-    done, reject, resize = 0, 1, 2
-    seq = 0
-
-    def push(time_s: float, kind: int, start_s: float) -> None:
-        nonlocal seq
-        seq += 1
-        heapq.heappush(events, (time_s, seq, kind, start_s))
-
-    def service_s() -> float:
-        if backend.jitter_sigma <= 0.0:
-            return backend.service_time_s
-        return backend.service_time_s * math.exp(rng.gauss(0.0, backend.jitter_sigma))
-
-    for when, cap in backend.capacity_changes:
-        push(when, resize, float(cap))
-    capacity, busy, in_flight = backend.capacity, 0, 0
-    queue: deque[float] = deque()
+    events: list[tuple[float, int, int, float]] = []  # (time_s, seq, kind, start_s or new value)
+    capacity, service_time_s = backend.capacity, backend.service_time_s
+    busy = in_flight = 0
+    queue: deque[float] = deque()  # send times of requests waiting for a server
     result = SimResult(successes=[], overloads=[], limits=[])
+    seq = itertools.count()
 
-    def current_limit() -> int:
-        return limiter if isinstance(limiter, int) else limiter.limit
+    def push(time_s: float, kind: int, value: float) -> None:
+        heapq.heappush(events, (time_s, next(seq), kind, value))
+
+    def serve(now_s: float, sent_s: float) -> None:
+        nonlocal busy
+        busy += 1
+        jitter = math.exp(rng.gauss(0.0, backend.jitter_sigma)) if backend.jitter_sigma > 0.0 else 1.0
+        push(now_s + service_time_s * jitter, done, sent_s)
 
     def admit(now_s: float) -> None:
-        nonlocal busy, in_flight
-        limit = current_limit()
+        nonlocal in_flight
+        limit = limiter if isinstance(limiter, int) else limiter.limit
         if not result.limits or result.limits[-1][1] != limit:
             result.limits.append((now_s, limit))
         while in_flight < limit:
             in_flight += 1
             if busy < capacity:
-                busy += 1
-                push(now_s + service_s(), done, now_s)
+                serve(now_s, now_s)
             elif backend.reject_over_capacity:
                 push(now_s + backend.reject_latency_s, reject, now_s)
             else:
                 queue.append(now_s)
 
-    def start_queued(now_s: float) -> None:
-        nonlocal busy
-        while queue and busy < capacity:
-            busy += 1
-            push(now_s + service_s(), done, queue.popleft())
-
+    for when_s, cap in backend.capacity_changes:
+        push(when_s, set_capacity, float(cap))
+    for when_s, service_s in backend.service_time_changes:
+        push(when_s, set_service, service_s)
     admit(0.0)
     while events and events[0][0] <= seconds:
-        now_s, _, kind, start_s = heapq.heappop(events)
-        if kind == resize:
-            capacity = int(start_s)
-            start_queued(now_s)
+        now_s, _, kind, value = heapq.heappop(events)
+        if kind == set_service:
+            service_time_s = value
             continue
-        if kind == done:
+        if kind == set_capacity:
+            capacity = int(value)
+        elif kind == done:
             busy -= 1
-            start_queued(now_s)
-            result.successes.append((now_s, now_s - start_s))
+            in_flight -= 1
+            result.successes.append((now_s, now_s - value))
             if not isinstance(limiter, int):
-                limiter.on_success(now_s - start_s, in_flight, now_s)
+                limiter.on_success(now_s - value, in_flight + 1, now_s)
         else:
+            in_flight -= 1
             result.overloads.append(now_s)
             if not isinstance(limiter, int):
                 limiter.on_overload(now_s)
-        in_flight -= 1
+        while queue and busy < capacity:
+            serve(now_s, queue.popleft())
         admit(now_s)
     return result

@@ -1,0 +1,73 @@
+"""Multi-node runs: 4 concurrent shard processes against one agent, merged with merge_rollouts."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from gym_collect.collect import shard_output_path
+from gym_collect.sim_agent import SimAgentConfig, SimAgentThread
+from tests.conftest import make_rows, pairs, read_jsonl, write_rows
+
+BIN = Path(sys.executable).parent
+NUM_ROWS, REPEATS, SHARDS = 203, 2, 4
+
+
+def collect_args(url: str, *extra: str) -> list[str]:
+    return [str(BIN / "collect_rollouts"), "input_jsonl_fpath=in.jsonl", "agent_name=sim_agent", f"agent_url={url}",
+            "progress=false", f"num_repeats={REPEATS}", "num_samples_in_parallel=8", *extra]
+
+
+@pytest.mark.parametrize("order", ["input", "completion"])
+def test_four_concurrent_shards_merge_to_the_single_run(
+    tmp_path: Path, clean_env: dict[str, str], order: str
+) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(NUM_ROWS))
+    with SimAgentThread(SimAgentConfig(capacity=32, service_time_s=0.005, service_sigma=1.0)) as sim:
+        procs = [subprocess.Popen(
+            collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", f"num_shards={SHARDS}", f"shard_id={k}",
+                         f"output_order={order}"), cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT) for k in range(SHARDS)]
+        single = subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl", f"output_order={order}"),
+                                cwd=tmp_path, env=clean_env, capture_output=True, timeout=120)
+        outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert single.returncode == 0 and all(p.returncode == 0 for p in procs), outputs
+    shards = [tmp_path / "shards" / f"r_shard-{k:02d}-of-{SHARDS:02d}.jsonl" for k in range(SHARDS)]
+    assert shards == sorted((tmp_path / "shards").glob(f"r_shard-*-of-{SHARDS:02d}.jsonl"))
+    merged = tmp_path / "merged.jsonl"
+    proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", str(merged), "--input", "in.jsonl",
+                           "--num-repeats", str(REPEATS), *map(str, reversed(shards))],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    single_pairs = pairs(read_jsonl(tmp_path / "single.jsonl"))
+    assert sorted(pairs(read_jsonl(merged))) == sorted(single_pairs)
+    assert len(single_pairs) == NUM_ROWS * REPEATS
+    metrics = orjson.loads((tmp_path / "merged_metrics.json").read_bytes())
+    assert metrics["rollouts"]["succeeded"] == NUM_ROWS * REPEATS
+    if order == "input":
+        cat = b"".join(p.read_bytes() for p in shards)
+        assert cat == merged.read_bytes()
+        assert pairs(read_jsonl(merged)) == single_pairs == [(t, r) for t in range(NUM_ROWS) for r in range(REPEATS)]
+
+
+def test_merge_refuses_a_gap_naming_the_tasks(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(40))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
+        for start, end in [(0, 10), (25, 40)]:
+            subprocess.run(collect_args(sim.url, f"output_jsonl_fpath=s{start}.jsonl", f"start_idx={start}",
+                                        f"end_idx={end}"), cwd=tmp_path, env=clean_env, check=True, timeout=60)
+    proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", "m.jsonl", "--input", "in.jsonl",
+                           "--num-repeats", str(REPEATS), "s0.jsonl", "s25.jsonl"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "missing tasks 10-24" in proc.stderr
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_shard_names_sort_in_order() -> None:
+    names = [shard_output_path(Path("r.jsonl"), 128, k).name for k in range(128)]
+    assert names == sorted(names) and names[3] == "r_shard-003-of-128.jsonl"
