@@ -162,7 +162,7 @@ class AdaptiveLimitConfig:
     rtt_tolerance: float = 1.1
     smoothing: float = 0.2
     growth_min: float = 1.0
-    window_min_samples: int = 16
+    window_min_samples: int = 32
     window_rtts: float = 1.0
     probe_interval_s: float = 10.0
     probe_interval_rtts: float = 30.0
@@ -416,7 +416,7 @@ class AdaptiveLimit:
                 return
             probe.measure_from_s = now_s
         elapsed_s = now_s - probe.measure_from_s
-        if probe.completions >= min(cfg.window_min_samples, probe.limit) and elapsed_s > 0.0:
+        if probe.completions >= cfg.window_min_samples and elapsed_s > 0.0:
             rtt_noload_s = probe.in_flight_sum / probe.completions * elapsed_s / probe.completions
             if elapsed_s >= cfg.probe_rtts * max(ref_s, rtt_noload_s):
                 self._end_probe(now_s, rtt_noload_s)

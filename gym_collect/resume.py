@@ -115,7 +115,7 @@ def prepare_outputs(
     if overwrite:
         for p in (paths.output, paths.failures, paths.metrics, paths.manifest, paths.status):
             p.unlink(missing_ok=True)
-    elif resume:
+    elif resume and existing:
         _check_manifest(paths.manifest, definition)
         prior.repaired_bytes = _repair_torn_tail(paths.output)
         for line_no, record in _records(paths.output):
