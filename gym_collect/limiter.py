@@ -140,20 +140,20 @@ def _check_gate_limit(limit: int | None) -> int | None:
 
 @dataclass
 class AdaptiveLimitConfig:
-    """Tuning of `AdaptiveLimit`; every field is validated in `__post_init__` (ValueError on bad values).
+    """Tuning of `AdaptiveLimit` (see there for the algorithm); ValueError from `__post_init__` if invalid.
 
-    Bounds: `1 <= min <= initial <= max` (requests in flight).
-    `rtt_tolerance` (>= 1): latency up to `rtt_tolerance * rtt_noload` counts as "no queueing".
-    `smoothing` (0, 1]: weight of a lower estimate when the latency gradient cuts the limit (decreases only).
-    `growth_min`: growth per window / queue allowance is `max(growth_min, sqrt(limit))` requests.
-    `window_min_samples`, `window_rtts`: a window closes after that many successes and that many RTTs.
-    `probe_interval_s`, `probe_interval_rtts`: re-measure the no-load RTT every max(s, rtts * RTT).
-    `probe_ratio` (0, 1): during a probe the limit is `probe_ratio` times the estimated no-queue concurrency.
-    `probe_rtts`: a probe collects samples for that many RTTs once the excess in-flight has drained.
+    `initial`, `min`, `max`: limits in requests in flight, `1 <= min <= initial <= max`.
+    `rtt_tolerance` (>= 1): a window's mean latency up to `rtt_tolerance * rtt_noload` counts as unqueued.
+    `smoothing` (0, 1]: weight of the new estimate when the latency gradient is < 1 (Gradient2's 0.2).
+    `growth_min` (> 0): the queue allowance and growth step is `max(growth_min, sqrt(limit))` requests.
+    `window_min_samples` (>= 1), `window_rtts` (>= 0): a window closes after that many successes and RTTs.
+    `probe_interval_s` (> 0), `probe_interval_rtts` (>= 0): re-measure rtt_noload every max(s, rtts * RTT).
+    `probe_ratio` (0, 1): a probe's limit, as a fraction of the concurrency estimated to leave no queue.
+    `probe_rtts` (> 0): a probe measures throughput for that many RTTs (after draining and one RTT).
     `backoff_ratio` (0, 1): multiplicative decrease on an overload (429 / 5xx / timeout).
-    `decrease_cooldown_s`: floor of the time between two overload decreases (the other floor is one RTT).
-    `ceiling_step`: growth per window near the limit of the last overload (additive increase).
-    `history_max_points`: bound on `AdaptiveLimit.history` (>= 2).
+    `decrease_cooldown_s` (>= 0): least time between two overload decreases (the other floor is one RTT).
+    `ceiling_step` (> 0): growth per window across the last request below the last overload's limit.
+    `history_max_points` (>= 2): bound on `AdaptiveLimit.history`.
     """
 
     initial: int = 16
@@ -234,7 +234,7 @@ class AdaptiveLimit:
 
     Departure from Gradient2: there `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
     so the limit creeps up for as long as it grows slower than the EMA (in `simulate_closed_loop` against
-    C=32, Gradient2 with 1 s windows reaches 59 at 60 s and 178 at 600 s). Here `rtt_noload` is the no-load
+    C=32, Gradient2 with its defaults and 1 s windows is at 54 at 60 s, 142 at 600 s). Here `rtt_noload` is the no-load
     RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas: New Techniques for Congestion Detection and
     Avoidance", SIGCOMM 1994), measured as BBR measures RTprop (Cardwell et al., "BBR: Congestion-Based
     Congestion Control", ACM Queue 14(5), 2016: ProbeRTT) by a probe: the limit drops to `probe_ratio` *
@@ -243,11 +243,12 @@ class AdaptiveLimit:
     (Little's law, which heavy-tailed latencies do not bias as they bias the first completions). Probes run
     every max(`probe_interval_s`, `probe_interval_rtts` * RTT), and early when a window is faster than
     rtt_noload / rtt_tolerance by two standard errors. If a probe's throughput hardly fell with its limit,
-    the backend was still queued: the limit drops to the probe's and probes again at half (a binary search
-    down, up to 10 times). At start the first window is biased towards fast requests, so it only starts a
-    calibration (the same measurement at the current limit) followed by a probe at half the limit, which
-    recognises a start far above capacity. A shifted baseline, up or down, is re-learned within one probe
-    interval and never pins the limit.
+    the backend still queued and rtt_noload is only an upper bound: after a deep probe (to half) the limit
+    drops to the probe's and a probe at half of that follows (a binary search down, up to 10 times); after
+    a shallow one, which noise can mislead, another probe follows one window later. At start the first
+    window is biased towards fast requests, so it only starts a calibration (the same measurement at the
+    current limit) and then a probe at half the limit, which recognises a start far above capacity. A shifted
+    baseline, up or down, is re-learned within one probe interval and never pins the limit.
 
     Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease, limit *= `backoff_ratio`
     (Jacobson, "Congestion Avoidance and Control", SIGCOMM 1988; RFC 5681 §3.1; concurrency-limits
@@ -422,7 +423,7 @@ class AdaptiveLimit:
                 self._end_probe(now_s, rtt_noload_s)
                 return
         probe.completions += 1
-        probe.in_flight_sum += in_flight
+        probe.in_flight_sum += max(1, in_flight)
 
     def _end_probe(self, now_s: float, rtt_noload_s: float | None) -> None:
         probe = self._probe
@@ -442,13 +443,17 @@ class AdaptiveLimit:
                     self._probe = _Probe(half, self._est, now_s, rate_per_s, half / self.limit)
                     return
             else:
-                # Unqueued, throughput falls to expected_ratio. If it fell by less than a quarter of that, the
-                # backend still queued at probe.limit, which serves as well as the old limit, and rtt_noload
-                # is only an upper bound: keep probe.limit and measure again at half of it.
+                # Unqueued, throughput falls by `drop`. If it fell by less than a quarter of that, the backend
+                # still queued at probe.limit and rtt_noload is only an upper bound. After a deep probe that is
+                # clear: probe.limit serves as well as the old limit, keep it and probe again at half of it.
+                # After a shallow one it may be noise: probe again after one window, lower if it was not.
                 drop = 1.0 - probe.expected_ratio
                 saturated = rate_per_s >= (1.0 - 0.25 * drop) * probe.rate_before_per_s
                 if saturated and probe.limit > self._cfg.min and self._reprobes < 10:
                     self._reprobes += 1
+                    if drop < 0.25:
+                        self._next_probe_s = now_s
+                        return
                     self._est = min(self._est, float(probe.limit))
                     half = self._clamp_int(probe.limit // 2)
                     self._probe = _Probe(half, self._est, now_s, rate_per_s, half / probe.limit)
@@ -532,16 +537,34 @@ class SimResult:
     def limit_at(self, t_s: float) -> int:
         """Limit in force at time t_s."""
         current = self.limits[0][1]
-        for when, value in self.limits:
-            if when > t_s:
+        for when_s, value in self.limits:
+            if when_s > t_s:
                 break
             current = value
         return current
 
-    def limit_range(self, start_s: float, end_s: float) -> tuple[int, int]:
-        """(min, max) limit in force over [start_s, end_s]."""
-        inside = [v for t, v in self.limits if start_s <= t <= end_s] + [self.limit_at(start_s)]
-        return min(inside), max(inside)
+    def limit_durations_s(self, start_s: float, end_s: float) -> dict[int, float]:
+        """Seconds each limit value was in force during [start_s, end_s)."""
+        steps = [(start_s, self.limit_at(start_s))] + [(t, v) for t, v in self.limits if start_s < t < end_s]
+        durations: dict[int, float] = {}
+        for (t0, value), (t1, _) in zip(steps, [*steps[1:], (end_s, 0)], strict=True):
+            durations[value] = durations.get(value, 0.0) + t1 - t0
+        return durations
+
+    def limit_quantile(self, q: float, start_s: float, end_s: float) -> int:
+        """Time-weighted q-quantile (0..1) of the limit over [start_s, end_s)."""
+        durations = self.limit_durations_s(start_s, end_s)
+        target, acc = q * sum(durations.values()), 0.0
+        for value in sorted(durations):
+            acc += durations[value]
+            if acc >= target:
+                return value
+        return max(durations)
+
+    def limit_share(self, low: float, high: float, start_s: float, end_s: float) -> float:
+        """Share (0..1) of [start_s, end_s) during which low <= limit <= high."""
+        durations = self.limit_durations_s(start_s, end_s)
+        return sum(d for v, d in durations.items() if low <= v <= high) / max(sum(durations.values()), 1e-12)
 
 
 def simulate_closed_loop(backend: SimBackend, limiter: AdaptiveLimit | int, seconds: float) -> SimResult:

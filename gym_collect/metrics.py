@@ -47,6 +47,7 @@ class RunMetrics:
         self.failures_by_class: Counter[str] = Counter()
         self.limit_history: list[tuple[float, int]] = []
         self.stopped_reason: str | None = None
+        self.first_request: float | None = None
         self._recent: deque[tuple[float, int]] = deque()
 
     @property
@@ -78,6 +79,12 @@ class RunMetrics:
         self.failures_by_class[error_class] += 1
         self._agent(agent)["failed"] += 1
 
+    def note_request(self) -> None:
+        """Count one attempt; the first marks the start of `active_s` (set-up time excluded)."""
+        self.attempts += 1
+        if self.first_request is None:
+            self.first_request = self.clock()
+
     def record_limit(self, limit: int) -> None:
         """Note a change of the in-flight limit (adaptive concurrency)."""
         self.limit_history.append((round(self.elapsed_s, 3), limit))
@@ -96,6 +103,7 @@ class RunMetrics:
     def snapshot(self) -> dict[str, Any]:
         """The metrics document (schema `gym_collect.metrics/1`), JSON-safe."""
         wall = self.elapsed_s
+        active = 0.0 if self.first_request is None else self.clock() - self.first_request
         return {
             "schema": METRICS_SCHEMA,
             "started_at": self.started_at,
@@ -113,6 +121,8 @@ class RunMetrics:
             "retries": self.retries,
             "wall_time_s": round(wall, 3),
             "rollouts_per_s": round(self.succeeded / wall, 3) if wall > 0 else 0.0,
+            "active_s": round(active, 3),
+            "active_rollouts_per_s": round(self.succeeded / active, 3) if active > 0 else 0.0,
             "latency_s": self.latency.summary(),
             "latency_histogram": self.latency.to_dict(),
             "fields": self.fields.to_dict(),

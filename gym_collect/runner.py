@@ -164,7 +164,7 @@ class Runner:
             attempt += 1
             await self._wait_if_paused(request.agent_name)
             start = self.clock()
-            self.metrics.attempts += 1
+            self.metrics.note_request()
             try:
                 answer = await self.client.run(url, request.body, key)
             except RolloutError as error:

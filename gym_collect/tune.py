@@ -35,7 +35,8 @@ MIN_ROWS_PER_PARALLEL_SLOT = 3
 
 @dataclass
 class Step:
-    """One level of the sweep: throughput in rollouts/s, latency in seconds, error rate per attempt."""
+    """One level of the sweep: rollouts/s from its first request to its end (set-up excluded), latency in
+    seconds, errors (retries + failures) per attempt."""
 
     parallelism: int
     rows: int
@@ -134,7 +135,7 @@ async def _run_step(cfg: CollectConfig, output: Path, level: int, start: int, ro
     errors = metrics.get("retries", 0) + counts.get("failed", 0)
     latency = metrics.get("latency_s", {})
     rows_done = counts.get("expected", 0) // cfg.num_repeats
-    return Step(level, rows_done, metrics.get("rollouts_per_s", 0.0),
+    return Step(level, rows_done, metrics.get("active_rollouts_per_s", 0.0),
                 latency.get("p50", 0.0), latency.get("p99", 0.0), min(1.0, errors / attempts), str(output))
 
 
