@@ -25,7 +25,8 @@ from gym_collect.agents import resolve_agents
 from gym_collect.client import AgentClient
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError
-from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig, ConcurrencyGate
+from gym_collect.gate import ConcurrencyGate
+from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.reader import JsonlRows, RowSelection, count_rows, iter_requests, scan, shard_range
 from gym_collect.resume import DoneSet, input_identity, prepare_outputs, run_key

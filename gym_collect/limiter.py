@@ -1,141 +1,16 @@
-"""Concurrency limits: the permit gate every request passes, and the adaptive limit that can steer it.
+"""The adaptive concurrency limit behind `num_samples_in_parallel=auto`: pure arithmetic.
 
-`ConcurrencyGate` is the asyncio primitive (FIFO permits whose count can change at run time).
-`AdaptiveLimit` is pure arithmetic: the runner feeds it outcomes with a monotonic `now_s` and copies
-`limit` into the gate. `simulate_closed_loop` drives an `AdaptiveLimit` against a modelled backend in
+The runner feeds `AdaptiveLimit` outcomes with a monotonic `now_s` and copies `limit` into the
+`ConcurrencyGate` (`gym_collect.gate`). `gym_collect.limit_sim` drives it against a modelled backend in
 simulated time, for tests and benchmarks.
 """
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 import math
-import random
-from collections import deque
-from collections.abc import Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from types import TracebackType
-
-__all__ = [
-    "AdaptiveLimit",
-    "AdaptiveLimitConfig",
-    "ConcurrencyGate",
-    "SimBackend",
-    "SimResult",
-    "simulate_closed_loop",
-]
 
 _RTT_FLOOR_S = 1e-6
-
-
-class ConcurrencyGate:
-    """At most `limit` holders at once; `limit` can change at run time (`None` = unlimited).
-
-    Lowering the limit never evicts holders, but no new holder enters until `in_flight < limit`, so in-flight
-    never exceeds the limit in force when a holder entered and converges down to a lowered limit. Waiters are
-    served first come, first served (a newcomer never overtakes a queued waiter) and are futures woken by
-    `release` or by raising the limit: nothing polls. Single event loop; not thread-safe.
-    """
-
-    def __init__(self, limit: int | None) -> None:
-        """Raises ValueError if `limit` is not None and < 1."""
-        self._limit = _check_gate_limit(limit)
-        self._in_flight = 0
-        self._max_in_flight = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    @property
-    def limit(self) -> int | None:
-        """Current maximum number of holders; None = unlimited."""
-        return self._limit
-
-    @limit.setter
-    def limit(self, value: int | None) -> None:
-        """Raising the limit admits waiters at once; lowering it only stops admissions. ValueError if < 1."""
-        self._limit = _check_gate_limit(value)
-        self._wake()
-
-    @property
-    def in_flight(self) -> int:
-        """Number of permits currently held."""
-        return self._in_flight
-
-    @property
-    def max_in_flight(self) -> int:
-        """Peak of `in_flight` since construction."""
-        return self._max_in_flight
-
-    @property
-    def waiting(self) -> int:
-        """Number of tasks queued in `acquire`."""
-        return len(self._waiters)
-
-    async def acquire(self) -> None:
-        """Wait for a permit (FIFO). Cancellation-safe: a cancelled waiter holds no permit afterwards."""
-        if not self._waiters and self._has_room():
-            self._take()
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(fut)
-        try:
-            await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                # The permit was granted just before the cancellation landed: hand it on.
-                self.release()
-            elif fut in self._waiters:  # _wake may have popped it already
-                self._waiters.remove(fut)
-            raise
-
-    def release(self) -> None:
-        """Return a permit and admit the next waiter(s). RuntimeError if no permit is held."""
-        if self._in_flight <= 0:
-            raise RuntimeError("ConcurrencyGate.release() called with no permit held")
-        self._in_flight -= 1
-        self._wake()
-
-    def slot(self) -> AbstractAsyncContextManager[None]:
-        """`async with gate.slot(): ...` holds one permit for the block, released on every path."""
-        return _Slot(self)
-
-    def _has_room(self) -> bool:
-        return self._limit is None or self._in_flight < self._limit
-
-    def _take(self) -> None:
-        self._in_flight += 1
-        self._max_in_flight = max(self._max_in_flight, self._in_flight)
-
-    def _wake(self) -> None:
-        # Permits are counted when granted, so a woken task that has not run yet already holds its permit.
-        while self._waiters and self._has_room():
-            fut = self._waiters.popleft()
-            if not fut.done():
-                self._take()
-                fut.set_result(None)
-
-
-class _Slot(AbstractAsyncContextManager[None]):
-    __slots__ = ("_gate",)
-
-    def __init__(self, gate: ConcurrencyGate) -> None:
-        self._gate = gate
-
-    async def __aenter__(self) -> None:
-        await self._gate.acquire()
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self._gate.release()
-
-
-def _check_gate_limit(limit: int | None) -> int | None:
-    if limit is not None and limit < 1:
-        raise ValueError(f"gate limit must be >= 1 or None, got {limit}")
-    return limit
 
 
 @dataclass
@@ -145,8 +20,10 @@ class AdaptiveLimitConfig:
     `initial`, `min`, `max`: limits in requests in flight, `1 <= min <= initial <= max`.
     `rtt_tolerance` (>= 1): a window's mean latency up to `rtt_tolerance * rtt_noload` counts as unqueued.
     `smoothing` (0, 1]: weight of the new estimate when the latency gradient is < 1 (Gradient2's 0.2).
-    `growth_min` (> 0): the queue allowance and growth step is `max(growth_min, sqrt(limit))` requests.
-    `window_min_samples` (>= 1), `window_rtts` (>= 0): a window closes after that many successes and RTTs.
+    `queue_min` (> 0): the standing queue allowed is `max(queue_min, sqrt(limit))` requests.
+    `growth_min` (> 0): the growth step while unqueued is `max(growth_min, sqrt(limit))` requests per window.
+    `window_min_samples` (>= 1), `window_rtts` (>= 0): a window (and a probe's measurement) needs
+    min(`window_min_samples`, 4 * limit) successes; a window also lasts `window_rtts` RTTs.
     `probe_interval_s` (> 0), `probe_interval_rtts` (>= 0): re-measure rtt_noload every max(s, rtts * RTT).
     `probe_ratio` (0, 1): a probe's limit, as a fraction of the concurrency estimated to leave no queue.
     `probe_rtts` (> 0): a probe measures throughput for that many RTTs (after draining and one RTT).
@@ -161,7 +38,8 @@ class AdaptiveLimitConfig:
     max: int = 1024
     rtt_tolerance: float = 1.1
     smoothing: float = 0.2
-    growth_min: float = 1.0
+    queue_min: float = 1.0
+    growth_min: float = 4.0
     window_min_samples: int = 32
     window_rtts: float = 1.0
     probe_interval_s: float = 10.0
@@ -179,6 +57,7 @@ class AdaptiveLimitConfig:
         checks = {
             "rtt_tolerance >= 1": self.rtt_tolerance >= 1.0,
             "0 < smoothing <= 1": 0.0 < self.smoothing <= 1.0,
+            "queue_min > 0": self.queue_min > 0.0,
             "growth_min > 0": self.growth_min > 0.0,
             "window_min_samples >= 1": self.window_min_samples >= 1,
             "window_rtts >= 0": self.window_rtts >= 0.0,
@@ -214,41 +93,44 @@ class _Probe:
 class AdaptiveLimit:
     """Adaptive concurrency limit from latency and overload signals; pure (no asyncio, no clock, no I/O).
 
-    Every call passes `now_s` (monotonic seconds) and returns the new integer limit (requests in flight).
+    Every call passes `now_s` (monotonic seconds) and returns the new integer limit (requests in flight),
+    always within [`config.min`, `config.max`]. Not thread-safe.
 
     Update law: Netflix concurrency-limits `Gradient2Limit` (https://github.com/Netflix/concurrency-limits,
     `concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java`),
     applied once per sample window as its `WindowedLimit` does, with the queue allowance of `GradientLimit`::
 
         gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt))
-        queue    = max(growth_min, sqrt(limit))
-        limit    = limit + step                                                if gradient == 1
+        queue    = max(queue_min, sqrt(limit))
+        limit    = limit + step                                                       if gradient == 1
                    limit * (1 - smoothing) + (limit * gradient + queue) * smoothing   otherwise
 
-    `rtt` is the mean latency of a window of at least `window_min_samples` successes spanning `window_rtts`
-    RTTs (the mean, as in `WindowedLimit`: by Little's law it is in-flight / throughput). Past a capacity C
-    the backend queues, rtt = rtt_noload * limit / C, and the fixed point is limit = rtt_tolerance * C +
-    sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy. `step` = `queue` (fast growth
-    far below max) except near the last overload (below); no growth while the window's peak in-flight +
-    queue < limit (application-limited, as in `GradientLimit`).
+    `rtt` is the mean latency (s) of a window of at least min(`window_min_samples`, 4 * limit) successes
+    spanning `window_rtts` RTTs; the mean, as in `WindowedLimit`, because by Little's law it is in-flight /
+    throughput. Past a capacity C the backend queues, rtt = rtt_noload * limit / C, and the fixed point is
+    limit = rtt_tolerance * C + sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy.
+    `step` = max(`growth_min`, sqrt(limit)) (fast growth far below max) except near the last overload
+    (below). No growth while the window's peak in-flight + queue < limit (application-limited, as in
+    `GradientLimit`).
 
-    Departure from Gradient2: there `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
+    Departure from Gradient2: its `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,
     so the limit creeps up for as long as it grows slower than the EMA (in `simulate_closed_loop` against
-    C=32, Gradient2 with its defaults and 1 s windows is at 54 at 60 s, 142 at 600 s). Here `rtt_noload` is the no-load
-    RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas: New Techniques for Congestion Detection and
-    Avoidance", SIGCOMM 1994), measured as BBR measures RTprop (Cardwell et al., "BBR: Congestion-Based
-    Congestion Control", ACM Queue 14(5), 2016: ProbeRTT) by a probe: the limit drops to `probe_ratio` *
-    limit * rtt_noload / rtt (the concurrency estimated to leave no queue); once in-flight has drained to it
-    and one RTT has passed, `probe_rtts` RTTs of completions give rtt_noload = mean in-flight / throughput
-    (Little's law, which heavy-tailed latencies do not bias as they bias the first completions). Probes run
-    every max(`probe_interval_s`, `probe_interval_rtts` * RTT), and early when a window is faster than
-    rtt_noload / rtt_tolerance by two standard errors. If a probe's throughput hardly fell with its limit,
-    the backend still queued and rtt_noload is only an upper bound: after a deep probe (to half) the limit
-    drops to the probe's and a probe at half of that follows (a binary search down, up to 10 times); after
-    a shallow one, which noise can mislead, another probe follows one window later. At start the first
-    window is biased towards fast requests, so it only starts a calibration (the same measurement at the
-    current limit) and then a probe at half the limit, which recognises a start far above capacity. A shifted
-    baseline, up or down, is re-learned within one probe interval and never pins the limit.
+    C=32, Gradient2 with its defaults and 1 s windows stands at 54 after 60 s and 142 after 600 s, p99 3x
+    unloaded). Here `rtt_noload` is the no-load RTT of TCP Vegas (Brakmo, O'Malley & Peterson, "TCP Vegas:
+    New Techniques for Congestion Detection and Avoidance", SIGCOMM 1994), measured as BBR measures RTprop
+    (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 14(5), 2016: ProbeRTT), by a
+    probe: the limit drops to `probe_ratio` * limit * rtt_noload / rtt (the concurrency estimated to leave
+    no queue); once in-flight has drained to it and one RTT has passed, `probe_rtts` RTTs of completions
+    give rtt_noload = mean in-flight / throughput (Little's law, which heavy-tailed latencies do not bias as
+    they bias the first completions). Probes run every max(`probe_interval_s`, `probe_interval_rtts` * RTT),
+    and early when a window is faster than rtt_noload / rtt_tolerance by two standard errors. If a probe's
+    throughput hardly fell with its limit, the backend still queued and rtt_noload is only an upper bound:
+    after a deep probe (to half) the limit drops to the probe's and a probe at half of that follows (a binary
+    search down, up to 10 times); after a shallow one, which noise can mislead, another follows one window
+    later. At start the first window is biased towards fast requests, so it only starts a calibration (the
+    same measurement at the current limit) and then a probe at half the limit, which recognises a start far
+    above capacity. A shifted baseline, up or down, is re-learned within one probe interval: it never pins
+    the limit.
 
     Overload (`on_overload`: 429, 5xx, timeout): multiplicative decrease, limit *= `backoff_ratio`
     (Jacobson, "Congestion Avoidance and Control", SIGCOMM 1988; RFC 5681 §3.1; concurrency-limits
@@ -331,7 +213,7 @@ class AdaptiveLimit:
             self._win_count += 1
             self._win_peak = max(self._win_peak, in_flight)
             ref_s = self._rtt_s if self._rtt_s is not None else self._win_sum_s / self._win_count
-            if self._win_count >= self._cfg.window_min_samples and (
+            if self._win_count >= self._min_samples(self.limit) and (
                 now_s - self._win_start_s >= self._cfg.window_rtts * ref_s
             ):
                 self._close_window(now_s)
@@ -343,7 +225,7 @@ class AdaptiveLimit:
             self._end_probe(now_s, None)
         cooldown_s = max(self._cfg.decrease_cooldown_s, self._rtt_s or self._last_latency_s or 0.0)
         if self._last_decrease_s is None or now_s - self._last_decrease_s >= cooldown_s:
-            self._ceiling = self._est
+            self._ceiling = self._est if self._ceiling is None else min(self._ceiling, self._est)
             self._windows_past_ceiling = 0
             self._est = self._clamp(self._est * self._cfg.backoff_ratio)
             self._last_decrease_s = now_s
@@ -364,7 +246,8 @@ class AdaptiveLimit:
         assert self._rate_from_s is not None
         if now_s > self._rate_from_s and self._rate_count > 0:
             rate_per_s = self._rate_count / (now_s - self._rate_from_s)
-            self._rate_per_s = rate_per_s if self._rate_per_s is None else 0.5 * (self._rate_per_s + rate_per_s)
+            previous = self._rate_per_s
+            self._rate_per_s = rate_per_s if previous is None else 0.5 * (previous + rate_per_s)
             self._rate_from_s, self._rate_count = now_s, 0
         if self._base_s is None:  # start-up: this window is biased to fast requests, calibrate instead
             self._probe = _Probe(limit=self.limit, saved_est=self._est, start_s=now_s, rate_before_per_s=None)
@@ -378,26 +261,26 @@ class AdaptiveLimit:
             self._probe = _Probe(limit, self._est, now_s, self._rate_per_s, limit / max(no_queue, 1.0))
             return
         est = self._est
-        queue = max(cfg.growth_min, math.sqrt(est))
+        queue = max(cfg.queue_min, math.sqrt(est))
         gradient = max(0.5, min(1.0, cfg.rtt_tolerance * self._base_s / rtt_s))
         if gradient < 1.0:
             self._est = self._clamp(est * (1.0 - cfg.smoothing) + (est * gradient + queue) * cfg.smoothing)
         elif peak + queue >= est:
-            self._est = self._clamp(est + self._growth_step(est, queue))
+            self._est = self._clamp(est + self._growth_step(est, max(cfg.growth_min, math.sqrt(est))))
 
-    def _growth_step(self, est: float, queue: float) -> float:
+    def _growth_step(self, est: float, full_step: float) -> float:
         ceiling = self._ceiling
         if ceiling is None:
-            return queue
+            return full_step
         if est < ceiling - 1.0:
-            return max(self._cfg.ceiling_step, min(queue, ceiling - 1.0 - est))
+            return max(self._cfg.ceiling_step, min(full_step, ceiling - 1.0 - est))
         if est < ceiling:
             return self._cfg.ceiling_step
         step = self._cfg.ceiling_step * 2.0**self._windows_past_ceiling
         self._windows_past_ceiling += 1
-        if step >= queue:
+        if step >= full_step:
             self._ceiling = None
-        return min(step, queue)
+        return min(step, full_step)
 
     def _probe_sample(self, probe: _Probe, in_flight: int, now_s: float) -> None:
         # Phases: drain to probe.limit in flight; settle one RTT (requests admitted before the drain leave);
@@ -405,7 +288,8 @@ class AdaptiveLimit:
         cfg = self._cfg
         assert self._rtt_s is not None
         ref_s = self._base_s or self._rtt_s
-        if now_s - probe.start_s > 4.0 * (cfg.probe_rtts + 2.0) * max(ref_s, self._rtt_s, self._last_latency_s or 0.0):
+        slowest_s = max(ref_s, self._rtt_s, self._last_latency_s or 0.0)
+        if now_s - probe.start_s > 4.0 * (cfg.probe_rtts + 2.0) * slowest_s:
             self._end_probe(now_s, None)  # never drained or too few completions: keep the old baseline
             return
         if probe.drained_s is None:
@@ -417,7 +301,7 @@ class AdaptiveLimit:
                 return
             probe.measure_from_s = now_s
         elapsed_s = now_s - probe.measure_from_s
-        if probe.completions >= cfg.window_min_samples and elapsed_s > 0.0:
+        if probe.completions >= self._min_samples(probe.limit) and elapsed_s > 0.0:
             rtt_noload_s = probe.in_flight_sum / probe.completions * elapsed_s / probe.completions
             if elapsed_s >= cfg.probe_rtts * max(ref_s, rtt_noload_s):
                 self._end_probe(now_s, rtt_noload_s)
@@ -443,10 +327,10 @@ class AdaptiveLimit:
                     self._probe = _Probe(half, self._est, now_s, rate_per_s, half / self.limit)
                     return
             else:
-                # Unqueued, throughput falls by `drop`. If it fell by less than a quarter of that, the backend
-                # still queued at probe.limit and rtt_noload is only an upper bound. After a deep probe that is
-                # clear: probe.limit serves as well as the old limit, keep it and probe again at half of it.
-                # After a shallow one it may be noise: probe again after one window, lower if it was not.
+                # Unqueued, throughput falls by `drop`. If it fell by less than a quarter of that, the
+                # backend still queued at probe.limit and rtt_noload is only an upper bound. After a deep
+                # probe that is clear: probe.limit serves as well as the old limit, keep it and probe again
+                # at half of it. After a shallow one it may be noise: probe again after one window.
                 drop = 1.0 - probe.expected_ratio
                 saturated = rate_per_s >= (1.0 - 0.25 * drop) * probe.rate_before_per_s
                 if saturated and probe.limit > self._cfg.min and self._reprobes < 10:
@@ -468,6 +352,10 @@ class AdaptiveLimit:
         self._win_start_s = None
         self._win_peak = 0
 
+    def _min_samples(self, limit: int) -> int:
+        # At a small limit, window_min_samples successes would take many RTTs: four RTTs' worth suffice.
+        return min(self._cfg.window_min_samples, 4 * limit)
+
     def _probe_interval_s(self) -> float:
         return max(self._cfg.probe_interval_s, self._cfg.probe_interval_rtts * (self._base_s or 0.0))
 
@@ -488,148 +376,3 @@ class AdaptiveLimit:
                     self._hist_stride *= 2
                 self._history.append((now_s, limit))
         return limit
-
-
-@dataclass
-class SimBackend:
-    """Modelled backend for `simulate_closed_loop` (all times in simulated seconds).
-
-    `capacity` requests are served at once, each taking `service_time_s` times a log-normal factor of
-    median 1 and shape `jitter_sigma`; more wait in a FIFO queue (GPU-like) or, with
-    `reject_over_capacity`, are answered 429 after `reject_latency_s` (rate-limited API).
-    `capacity_changes` holds (time_s, capacity) steps (work in service is never evicted) and
-    `service_time_changes` (time_s, service_time_s) steps, applying to requests that start service later.
-    """
-
-    capacity: int
-    service_time_s: float = 0.1
-    jitter_sigma: float = 0.0
-    reject_over_capacity: bool = False
-    reject_latency_s: float = 0.005
-    capacity_changes: Sequence[tuple[float, int]] = ()
-    service_time_changes: Sequence[tuple[float, float]] = ()
-    seed: int = 0
-
-
-@dataclass
-class SimResult:
-    """Outcome of `simulate_closed_loop`: successes as (done_s, latency_s), 429 times (s), limit trace."""
-
-    successes: list[tuple[float, float]]
-    overloads: list[float]
-    limits: list[tuple[float, int]]
-
-    def throughput_per_s(self, start_s: float, end_s: float) -> float:
-        """Successes per second completed in [start_s, end_s)."""
-        return sum(start_s <= t < end_s for t, _ in self.successes) / (end_s - start_s)
-
-    def latency_quantile_s(self, q: float, start_s: float, end_s: float) -> float:
-        """q-quantile (0..1, nearest rank) of success latency (s) completed in [start_s, end_s)."""
-        lats = sorted(lat for t, lat in self.successes if start_s <= t < end_s)
-        return lats[min(len(lats) - 1, int(q * len(lats)))] if lats else math.nan
-
-    def overload_fraction(self, start_s: float, end_s: float) -> float:
-        """429s / (429s + successes) in [start_s, end_s)."""
-        bad = sum(start_s <= t < end_s for t in self.overloads)
-        good = sum(start_s <= t < end_s for t, _ in self.successes)
-        return bad / max(1, bad + good)
-
-    def limit_at(self, t_s: float) -> int:
-        """Limit in force at time t_s."""
-        current = self.limits[0][1]
-        for when_s, value in self.limits:
-            if when_s > t_s:
-                break
-            current = value
-        return current
-
-    def limit_durations_s(self, start_s: float, end_s: float) -> dict[int, float]:
-        """Seconds each limit value was in force during [start_s, end_s)."""
-        steps = [(start_s, self.limit_at(start_s))] + [(t, v) for t, v in self.limits if start_s < t < end_s]
-        durations: dict[int, float] = {}
-        for (t0, value), (t1, _) in zip(steps, [*steps[1:], (end_s, 0)], strict=True):
-            durations[value] = durations.get(value, 0.0) + t1 - t0
-        return durations
-
-    def limit_quantile(self, q: float, start_s: float, end_s: float) -> int:
-        """Time-weighted q-quantile (0..1) of the limit over [start_s, end_s)."""
-        durations = self.limit_durations_s(start_s, end_s)
-        target, acc = q * sum(durations.values()), 0.0
-        for value in sorted(durations):
-            acc += durations[value]
-            if acc >= target:
-                return value
-        return max(durations)
-
-    def limit_share(self, low: float, high: float, start_s: float, end_s: float) -> float:
-        """Share (0..1) of [start_s, end_s) during which low <= limit <= high."""
-        durations = self.limit_durations_s(start_s, end_s)
-        return sum(d for v, d in durations.items() if low <= v <= high) / max(sum(durations.values()), 1e-12)
-
-
-def simulate_closed_loop(backend: SimBackend, limiter: AdaptiveLimit | int, seconds: float) -> SimResult:
-    """Closed-loop clients keep `limit` requests in flight for `seconds` of simulated time.
-
-    A discrete-event simulation (deterministic for a given `backend.seed`); no clock, no asyncio.
-    Successes feed `limiter.on_success(latency_s, in_flight, now_s)` and 429s `limiter.on_overload(now_s)`;
-    an int `limiter` is a fixed limit. Latency counts from the client's send, queueing included.
-    """
-    done, reject, set_capacity, set_service = 0, 1, 2, 3
-    rng = random.Random(backend.seed)
-    events: list[tuple[float, int, int, float]] = []  # (time_s, seq, kind, start_s or new value)
-    capacity, service_time_s = backend.capacity, backend.service_time_s
-    busy = in_flight = 0
-    queue: deque[float] = deque()  # send times of requests waiting for a server
-    result = SimResult(successes=[], overloads=[], limits=[])
-    seq = itertools.count()
-
-    def push(time_s: float, kind: int, value: float) -> None:
-        heapq.heappush(events, (time_s, next(seq), kind, value))
-
-    def serve(now_s: float, sent_s: float) -> None:
-        nonlocal busy
-        busy += 1
-        jitter = math.exp(rng.gauss(0.0, backend.jitter_sigma)) if backend.jitter_sigma > 0.0 else 1.0
-        push(now_s + service_time_s * jitter, done, sent_s)
-
-    def admit(now_s: float) -> None:
-        nonlocal in_flight
-        limit = limiter if isinstance(limiter, int) else limiter.limit
-        if not result.limits or result.limits[-1][1] != limit:
-            result.limits.append((now_s, limit))
-        while in_flight < limit:
-            in_flight += 1
-            if busy < capacity:
-                serve(now_s, now_s)
-            elif backend.reject_over_capacity:
-                push(now_s + backend.reject_latency_s, reject, now_s)
-            else:
-                queue.append(now_s)
-
-    for when_s, cap in backend.capacity_changes:
-        push(when_s, set_capacity, float(cap))
-    for when_s, service_s in backend.service_time_changes:
-        push(when_s, set_service, service_s)
-    admit(0.0)
-    while events and events[0][0] <= seconds:
-        now_s, _, kind, value = heapq.heappop(events)
-        if kind == set_service:
-            service_time_s = value
-            continue
-        if kind == set_capacity:
-            capacity = int(value)
-        elif kind == done:
-            busy -= 1
-            in_flight -= 1
-            result.successes.append((now_s, now_s - value))
-            if not isinstance(limiter, int):
-                limiter.on_success(now_s - value, in_flight + 1, now_s)
-        else:
-            in_flight -= 1
-            result.overloads.append(now_s)
-            if not isinstance(limiter, int):
-                limiter.on_overload(now_s)
-        while queue and busy < capacity:
-            serve(now_s, queue.popleft())
-        admit(now_s)
-    return result

@@ -25,7 +25,8 @@ from typing import Any
 
 from gym_collect.client import AgentClient
 from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRolloutError, RolloutError
-from gym_collect.limiter import AdaptiveLimit, ConcurrencyGate
+from gym_collect.gate import ConcurrencyGate
+from gym_collect.limiter import AdaptiveLimit
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.reader import AGENT_REF_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, RolloutRequest
 from gym_collect.retry import RetryPolicy

@@ -30,7 +30,8 @@ import orjson
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ROWS = REPO.parent / "shared" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"
+REAL_ROWS = Path(os.environ.get(
+    "BENCH_REAL_ROWS", REPO.parent / "shared" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"))
 POLL_S = 0.05
 MB = 1024 * 1024
 SIM_START_TIMEOUT_S = 30.0
@@ -192,7 +193,8 @@ class SimServer:
 
 
 def write_real_rows(path: Path, n: int) -> Path:
-    """`n` rows of NeMo Gym's `ns_tools__compmath_test.jsonl` (256 real rows, replicated in order)."""
+    """`n` rows of NeMo Gym's `ns_tools__compmath_test.jsonl` (256 real rows, replicated in order; another
+    file with `BENCH_REAL_ROWS=PATH`)."""
     lines = [line for line in REAL_ROWS.read_bytes().splitlines() if line.strip()]
     with path.open("wb") as f:
         for line in itertools.islice(itertools.cycle(lines), n):

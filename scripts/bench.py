@@ -119,6 +119,7 @@ class Bench:
                   uvloop: bool = True, **extra: Any) -> tuple[ChildRun, dict[str, Any], Path]:
         """One `collect_rollouts` run; returns the child's measurements, its metrics file and output path."""
         output = self.dir / f"{name}.jsonl"
+        output.unlink(missing_ok=True)
         run = run_child(collector_cmd(input_path, output, url, parallelism, uvloop=uvloop, **extra),
                         cwd=self.dir, log_path=self.dir / f"{name}.log", watch=output)
         if run.exit_code != 0:
@@ -178,6 +179,7 @@ class Bench:
             with self.sim(f"overhead_{loop}", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
                           response_pad_bytes=ANSWER_PAD_BYTES) as sim:
                 base_out = self.dir / f"overhead_baseline_{loop}.jsonl"
+                base_out.unlink(missing_ok=True)
                 base = run_child(baseline_cmd(input_path, base_out, sim.url, PARALLELISM, uvloop=uvloop),
                                  cwd=self.dir, log_path=self.dir / f"overhead_baseline_{loop}.log", watch=base_out)
                 if base.exit_code != 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,42 @@ async def test_every_nemo_gym_example_input_goes_through(tmp_path: Path, example
 
 def _agent_names(path: Path) -> list[str]:
     return sorted({r["agent_ref"]["name"] for r in read_jsonl(path) if "agent_ref" in r})
+
+
+async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
+    """Lower the gate's limit mid-run: once in-flight work has drained to it, the agent never sees more."""
+    from gym_collect.client import AgentClient
+    from gym_collect.gate import ConcurrencyGate
+    from gym_collect.metrics import Progress, RunMetrics
+    from gym_collect.reader import JsonlRows, RowSelection, iter_requests
+    from gym_collect.retry import RetryPolicy
+    from gym_collect.runner import FailureBudget, Runner
+    from gym_collect.writer import LineFile, OutputPaths, RolloutWriter
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(300))
+    paths = OutputPaths(tmp_path / "out.jsonl")
+    gate = ConcurrencyGate(16)
+    async with SimAgent(SimAgentConfig(capacity=64, service_time_s=0.02, service_sigma=0.5)) as sim:
+        async with AgentClient(connector_limit=100, connector_limit_per_host=100, connect_timeout_s=2,
+                               request_timeout_s=10) as client:
+            with LineFile(paths.output) as out, LineFile(paths.failures) as failures, \
+                    Progress(300, 0, enabled=False) as progress:
+                metrics = RunMetrics(300)
+                runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
+                                writer=RolloutWriter(out, failures, ordered=False, window=1024), metrics=metrics,
+                                progress=progress, policy=RetryPolicy(), gate=gate, adaptive=None,
+                                budget=FailureBudget(), paths=paths, run_key="k", status_every_s=1.0)
+
+                async def lower() -> None:
+                    while metrics.succeeded < 60:
+                        await asyncio.sleep(0.005)
+                    gate.limit = 3
+                    while gate.in_flight > 3:
+                        await asyncio.sleep(0.001)
+                    sim.stats.reset()
+
+                requests = iter_requests(JsonlRows(inp, RowSelection()), 1, "sim_agent", {}, lambda t, r: False)
+                await asyncio.gather(runner.run(requests), lower())
+    assert sim.stats.max_in_flight <= 3
+    assert sim.stats.requests > 100
+    assert sorted(pairs(read_jsonl(paths.output))) == [(i, 0) for i in range(300)]
