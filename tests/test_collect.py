@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
@@ -137,27 +136,29 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     inp = write_rows(tmp_path / "in.jsonl", make_rows(300))
     paths = OutputPaths(tmp_path / "out.jsonl")
     gate = ConcurrencyGate(16)
-    async with SimAgent(SimAgentConfig(capacity=64, service_time_s=0.02, service_sigma=0.5)) as sim:
-        async with AgentClient(connector_limit=100, connector_limit_per_host=100, connect_timeout_s=2,
-                               request_timeout_s=10) as client:
-            with LineFile(paths.output) as out, LineFile(paths.failures) as failures, \
-                    Progress(300, 0, enabled=False) as progress:
-                metrics = RunMetrics(300)
-                runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
-                                writer=RolloutWriter(out, failures, ordered=False, window=1024), metrics=metrics,
-                                progress=progress, policy=RetryPolicy(), gate=gate, adaptive=None,
-                                budget=FailureBudget(), paths=paths, run_key="k", status_every_s=1.0)
 
-                async def lower() -> None:
-                    while metrics.succeeded < 60:
-                        await asyncio.sleep(0.005)
-                    gate.limit = 3
-                    while gate.in_flight > 3:
-                        await asyncio.sleep(0.001)
-                    sim.stats.reset()
+    class LowerAfter60(Progress):
+        finished, lowered, drained = 0, False, False
 
-                requests = iter_requests(JsonlRows(inp, RowSelection()), 1, "sim_agent", {}, lambda t, r: False)
-                await asyncio.gather(runner.run(requests), lower())
+        def update(self) -> None:  # called after each rollout's permit is released
+            self.finished += 1
+            if self.finished == 60:
+                gate.limit, self.lowered = 3, True
+            if self.lowered and not self.drained and gate.in_flight <= 3:
+                sim.stats.reset()
+                self.drained = True
+
+    async with (
+        SimAgent(SimAgentConfig(capacity=64, service_time_s=0.02, service_sigma=0.5)) as sim,
+        AgentClient(connector_limit=100, connector_limit_per_host=100, connect_timeout_s=2,
+                    request_timeout_s=10) as client,
+    ):
+        with LineFile(paths.output) as out, LineFile(paths.failures) as failures:
+            runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
+                            writer=RolloutWriter(out, failures, ordered=False, window=1024), metrics=RunMetrics(300),
+                            progress=LowerAfter60(300, 0, enabled=False), policy=RetryPolicy(), gate=gate,
+                            adaptive=None, budget=FailureBudget(), paths=paths, run_key="k", status_every_s=1.0)
+            await runner.run(iter_requests(JsonlRows(inp, RowSelection()), 1, "sim_agent", {}, lambda t, r: False))
     assert sim.stats.max_in_flight <= 3
     assert sim.stats.requests > 100
     assert sorted(pairs(read_jsonl(paths.output))) == [(i, 0) for i in range(300)]
