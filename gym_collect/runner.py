@@ -175,8 +175,8 @@ class Runner:
                     self._fail(request, error.error_class, error.status, str(error), attempt,
                                self.clock() - first_start, permanent=isinstance(error, PermanentRolloutError))
                     return
-                if error.status == 429 and error.retry_after_s:
-                    self._pause(request.agent_name, error.retry_after_s)
+                if error.status == 429 and error.retry_after_s and self.adaptive is None:
+                    self._pause(request.agent_name, error.retry_after_s)  # under auto, the limit backs off
                 self.metrics.retries += 1
                 log.debug("Retrying task %d rollout %d in %.2f s after %s", request.task_index,
                           request.rollout_index, wait_s, error.error_class)

@@ -32,7 +32,13 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 REAL_ROWS = Path(os.environ.get(
     "BENCH_REAL_ROWS", REPO.parent / "shared" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"))
-POLL_S = 0.05
+FALLBACK_ROWS = REPO / "data" / "example.jsonl"
+
+
+def real_rows_source() -> Path:
+    """The real NeMo Gym rows replicated by `write_real_rows`: `REAL_ROWS`, else the repo's example rows."""
+    return REAL_ROWS if REAL_ROWS.exists() else FALLBACK_ROWS
+POLL_S = 0.02
 MB = 1024 * 1024
 SIM_START_TIMEOUT_S = 30.0
 NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; "  # makes `import uvloop` raise ImportError
@@ -108,20 +114,23 @@ def run_child(
         start = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
         ps = psutil.Process(proc.pid)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            with contextlib.suppress(psutil.Error):
-                cpu = ps.cpu_times()
-                samples.append(Sample(time.monotonic() - start, cpu.user + cpu.system, ps.memory_info().rss,
-                                      _size(watch)))
-            if time.monotonic() - start > timeout_s:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                proc.returncode = -9
-                raise TimeoutError(f"{cmd[:3]} ran longer than {timeout_s:.0f} s; see {log_path}")
-            time.sleep(POLL_S)
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                with contextlib.suppress(psutil.Error):
+                    cpu = ps.cpu_times()
+                    samples.append(Sample(time.monotonic() - start, cpu.user + cpu.system, ps.memory_info().rss,
+                                          _size(watch)))
+                if time.monotonic() - start > timeout_s:
+                    raise TimeoutError(f"{cmd[:3]} ran longer than {timeout_s:.0f} s; see {log_path}")
+                time.sleep(POLL_S)
+        except BaseException:
+            proc.kill()
+            os.wait4(proc.pid, 0)
+            proc.returncode = -9
+            raise
     wall_s = time.monotonic() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     return ChildRun(
@@ -194,8 +203,8 @@ class SimServer:
 
 def write_real_rows(path: Path, n: int) -> Path:
     """`n` rows of NeMo Gym's `ns_tools__compmath_test.jsonl` (256 real rows, replicated in order; another
-    file with `BENCH_REAL_ROWS=PATH`)."""
-    lines = [line for line in REAL_ROWS.read_bytes().splitlines() if line.strip()]
+    file with `BENCH_REAL_ROWS=PATH`; `data/example.jsonl` when neither exists)."""
+    lines = [line for line in real_rows_source().read_bytes().splitlines() if line.strip()]
     with path.open("wb") as f:
         for line in itertools.islice(itertools.cycle(lines), n):
             f.write(line + b"\n")
@@ -235,10 +244,11 @@ def collector_cmd(
 
 
 def baseline_cmd(input_path: Path, output_path: Path, url: str, parallelism: int, *, uvloop: bool = True) -> list[str]:
-    """`python scripts/baseline_collector.py ...` on the same loop flavour as the collector."""
+    """`python scripts/baseline_collector.py ...` on the collector's loop flavour: uvloop when installed
+    (`uvloop=True`, as collect_rollouts picks), else asyncio's."""
     script = Path(__file__).resolve().parent / "baseline_collector.py"
     return [sys.executable, str(script), "--input", str(input_path), "--output", str(output_path), "--url", url,
-            "--parallelism", str(parallelism), "--loop", "uvloop" if uvloop else "asyncio"]
+            "--parallelism", str(parallelism), "--loop", "auto" if uvloop else "asyncio"]
 
 
 def read_metrics(output_path: Path) -> dict[str, Any]:
@@ -274,5 +284,6 @@ def machine() -> dict[str, Any]:
     return {
         "cpu_model": model, "cores": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "python": platform.python_version(), "platform": platform.platform(), "uvloop": uvloop_available(),
+        "load_average_1m": round(os.getloadavg()[0], 2), "real_rows": str(real_rows_source()),
         "versions": versions,
     }

@@ -9,7 +9,8 @@ retries, no metrics, no resume, no per-line durability, no progress.
     python scripts/baseline_collector.py --input rows.jsonl --output out.jsonl --url http://127.0.0.1:8000 \
         --parallelism 64 [--loop auto|uvloop|asyncio]
 
-Prints `baseline: N rollouts in S s on LOOP` and exits 0, or fails with the first error.
+Prints one JSON line, `{"rollouts": N, "wall_s": S, "active_s": A, "loop": LOOP}` (`active_s`: first request
+to last answer written, as the collector's metrics file counts it) and exits 0, or fails with the first error.
 """
 
 from __future__ import annotations
@@ -27,10 +28,12 @@ import orjson
 HEADERS = {"Content-Type": "application/json"}
 
 
-async def collect(input_path: Path, output_path: Path, url: str, parallelism: int) -> int:
-    """Post every row of `input_path` to `{url}/run`, at most `parallelism` at once; returns rows written."""
+async def collect(input_path: Path, output_path: Path, url: str, parallelism: int) -> tuple[int, float]:
+    """Post every row of `input_path` to `{url}/run`, at most `parallelism` at once; returns the rows
+    written and the seconds from the first request to the last answer written."""
     semaphore = asyncio.Semaphore(parallelism)
     written = 0
+    first_request = 0.0
 
     async def one(session: aiohttp.ClientSession, out: IO[bytes], task: int, body: bytes) -> None:
         nonlocal written
@@ -51,8 +54,9 @@ async def collect(input_path: Path, output_path: Path, url: str, parallelism: in
                 row = orjson.loads(line)
                 row["_ng_task_index"], row["_ng_rollout_index"] = task, 0
                 await semaphore.acquire()
+                first_request = first_request or time.monotonic()
                 tg.create_task(one(session, out, task, orjson.dumps(row)))
-    return written
+    return written, time.monotonic() - first_request
 
 
 def main() -> int:
@@ -75,8 +79,9 @@ def main() -> int:
                 parser.error("--loop uvloop: uvloop is not installed")
         else:
             loop_name = "uvloop"
-    written = uvloop.run(coro) if loop_name == "uvloop" else asyncio.run(coro)
-    print(f"baseline: {written} rollouts in {time.monotonic() - start:.2f} s on {loop_name}")
+    written, active_s = uvloop.run(coro) if loop_name == "uvloop" else asyncio.run(coro)
+    summary = {"rollouts": written, "wall_s": time.monotonic() - start, "active_s": active_s, "loop": loop_name}
+    print(orjson.dumps(summary).decode())
     return 0
 
 

@@ -9,13 +9,15 @@ Figures:
   1. capacity ratio: rollouts/s achieved / backend capacity (capacity / service time), for capacity 64 at
      100 ms with num_samples_in_parallel=64 (640/s) and capacity 256 at 200 ms with 256 (1280/s), real
      NeMo Gym rows (ns_tools__compmath_test.jsonl replicated), ~12 s each. The rate is the metrics file's
-     succeeded / wall_time_s (start-up excluded); the end-to-end rate (process spawn to exit) is shown too.
-     Target >= 0.97.
+     succeeded / wall_time_s (start-up excluded); the end-to-end rate (process spawn to exit) is shown too,
+     and, as a reference for what the harness allows, the bare baseline's rate in the same set-up (first
+     request to last answer). Target >= 0.97.
   2. overhead ratio: CPU seconds per rollout of the collector / of `scripts/baseline_collector.py` (a bare
      aiohttp + orjson loop under a semaphore), service time 0, ~1.5 KB answers, parallelism 64, small
      synthetic rows, both on the same event loop (uvloop when installed, as the collector picks it; the
-     full run also compares both on asyncio's loop). Whole-process CPU, start-up included; the steady-state
-     ratio (CPU while output grows) is in the notes. Target <= 1.5.
+     full run also compares both on asyncio's loop). Whole-process CPU, start-up included, medians of 3
+     interleaved pairs (1 with --quick); the steady-state ratio (CPU while the output grows) is in the
+     notes. Target <= 1.5.
   3. memory ratio: peak RSS at 1,000,000 rows / at 10,000 rows (parallelism 64, service time 0, small
      synthetic rows, kernel high-water mark). Targets: ratio <= 1.2 and < 150 MB at 1M rows.
   4. start-up: seconds from spawning `collect_rollouts` (256 real rows) to the first `POST /run` reaching a
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -75,14 +79,15 @@ class Plan:
 
     capacity_batches: tuple[int, int]  # rows = capacity x batches, for capacity 64 and 256
     overhead_rows: int
-    overhead_loops: tuple[bool, ...]  # uvloop on/off flavours to compare
+    overhead_loops: tuple[str, ...]  # event loops to compare: "auto" (as collect_rollouts picks), "asyncio"
+    overhead_repeats: int  # baseline/collector pairs per flavour; the medians are compared
     memory_rows: tuple[int, int, int]  # small (base), main-job, large
     startup_repeats: int
     order_rows: int
 
 
-FULL = Plan((125, 60), 20_000, (True, False), (10_000, 200_000, 1_000_000), 3, 8_000)
-QUICK = Plan((16, 8), 3_000, (True,), (2_000, 10_000, 20_000), 1, 1_500)
+FULL = Plan((125, 60), 20_000, ("auto", "asyncio"), 3, (10_000, 200_000, 1_000_000), 3, 8_000)
+QUICK = Plan((16, 8), 3_000, ("auto",), 1, (2_000, 10_000, 20_000), 1, 1_500)
 
 
 @dataclass
@@ -126,6 +131,19 @@ class Bench:
             raise RuntimeError(f"collect_rollouts ({name}) exited {run.exit_code}:\n{run.log[-3000:]}")
         return run, read_metrics(output), output
 
+    def baseline(self, name: str, input_path: Path, url: str, parallelism: int = PARALLELISM, *,
+                 uvloop: bool = True) -> tuple[ChildRun, dict[str, Any], Path]:
+        """One `scripts/baseline_collector.py` run; returns the child's measurements, its summary line
+        (`rollouts`, `wall_s`, `active_s`, `loop`) and its output path."""
+        output = self.dir / f"{name}.jsonl"
+        output.unlink(missing_ok=True)
+        run = run_child(baseline_cmd(input_path, output, url, parallelism, uvloop=uvloop), cwd=self.dir,
+                        log_path=self.dir / f"{name}.log", watch=output)
+        if run.exit_code != 0:
+            raise RuntimeError(f"baseline_collector ({name}) exited {run.exit_code}:\n{run.log[-3000:]}")
+        summary: dict[str, Any] = orjson.loads(run.log.strip().splitlines()[-1])
+        return run, summary, output
+
     def sim(self, name: str, **flags: Any) -> SimServer:
         return SimServer(self.dir / f"{name}.sim.log", **flags)
 
@@ -142,21 +160,27 @@ class Bench:
             backend = capacity / service_s
             name = f"capacity{capacity}"
             input_path = write_real_rows(self.dir / f"{name}_in.jsonl", rows)
+            with self.sim(f"{name}_baseline", capacity=capacity, service_time_s=service_s, service_sigma=0) as sim:
+                _, base, _ = self.baseline(f"{name}_baseline", input_path, sim.url, capacity)
             with self.sim(name, capacity=capacity, service_time_s=service_s, service_sigma=0) as sim:
                 run, metrics, _ = self.collector(name, input_path, sim.url, capacity)
             succeeded, wall_s = metrics["rollouts"]["succeeded"], metrics["wall_time_s"]
             rate = succeeded / wall_s
             e2e = succeeded / run.wall_s
-            ideal_s = batches * service_s
+            active = metrics.get("active_rollouts_per_s")
+            active_text = f"first request to end {active / backend:.3f}; " if active else ""
+            base_rate = base["rollouts"] / base["active_s"]
             lat = metrics["latency_s"]
             label = f"1{'ab'[capacity == 256]} capacity ratio, {capacity} @ {service_s * 1000:.0f} ms, p={capacity}"
             self.add(Figure(
                 f"capacity_{capacity}", label, rate / backend, "", ">= 0.97", check(rate / backend, ">= 0.97"),
-                [f"{rate:.1f}/s of {backend:.0f}/s over {succeeded} rows in {wall_s:.2f} s (ideal {ideal_s:.1f} s); "
-                 f"end-to-end {e2e:.1f}/s = {e2e / backend:.3f} of capacity ({run.wall_s:.2f} s with start-up); "
-                 f"latency p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} s; collector CPU {run.cpu_s:.1f} s"],
+                [f"{rate:.1f}/s of {backend:.0f}/s: {succeeded} rows in {wall_s:.2f} s (ideal {batches * service_s:.1f}"
+                 f" s); {active_text}end-to-end {e2e:.1f}/s = {e2e / backend:.3f} ({run.wall_s:.2f} s with "
+                 f"start-up); bare baseline {base_rate / backend:.3f} (first request to end, same sim set-up); "
+                 f"latency p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} s"],
                 {"rows": succeeded, "rollouts_per_s": rate, "backend_per_s": backend, "wall_time_s": wall_s,
-                 "end_to_end_s": run.wall_s, "end_to_end_per_s": e2e, "end_to_end_ratio": e2e / backend,
+                 "active_rollouts_per_s": active, "end_to_end_s": run.wall_s, "end_to_end_per_s": e2e,
+                 "end_to_end_ratio": e2e / backend, "baseline_per_s": base_rate, "baseline_ratio": base_rate / backend,
                  "latency_s": lat, "collector_cpu_s": run.cpu_s},
             ))
             if capacity == 64:
@@ -164,53 +188,55 @@ class Bench:
                     "main_job_rate", "main job: rollouts/s vs backend 640/s (64 @ 100 ms, p=64)", rate, "/s",
                     f">= {0.97 * backend:.0f}", check(rate, f">= {0.97 * backend:.0f}"),
                     [f"{rate:.1f} rollouts/s against the backend's {backend:.0f}/s ({rate / backend:.3f}), "
-                     f"end-to-end {e2e:.1f}/s"],
-                    {"rollouts_per_s": rate, "backend_per_s": backend},
+                     f"end-to-end {e2e:.1f}/s; the bare baseline reaches {base_rate:.1f}/s"],
+                    {"rollouts_per_s": rate, "backend_per_s": backend, "baseline_per_s": base_rate},
                 ))
 
     # 2. overhead ------------------------------------------------------------------------------------------
     def overhead(self) -> None:
         rows = self.plan.overhead_rows
         input_path = write_small_rows(self.dir / "overhead_in.jsonl", rows)
-        for uvloop in self.plan.overhead_loops:
-            if uvloop and not uvloop_available():
-                continue
-            loop = "uvloop" if uvloop else "asyncio"
+        default = "uvloop" if uvloop_available() else "asyncio"  # what collect_rollouts picks
+        loops = list(dict.fromkeys(default if loop == "auto" else loop for loop in self.plan.overhead_loops))
+        for n, loop in enumerate(loops):
+            uvloop = loop == "uvloop"
+            ours: list[ChildRun] = []
+            theirs: list[ChildRun] = []
             with self.sim(f"overhead_{loop}", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
                           response_pad_bytes=ANSWER_PAD_BYTES) as sim:
-                base_out = self.dir / f"overhead_baseline_{loop}.jsonl"
-                base_out.unlink(missing_ok=True)
-                base = run_child(baseline_cmd(input_path, base_out, sim.url, PARALLELISM, uvloop=uvloop),
-                                 cwd=self.dir, log_path=self.dir / f"overhead_baseline_{loop}.log", watch=base_out)
-                if base.exit_code != 0:
-                    raise RuntimeError(f"baseline_collector exited {base.exit_code}:\n{base.log[-3000:]}")
-                run, metrics, output = self.collector(f"overhead_collector_{loop}", input_path, sim.url,
+                for rep in range(self.plan.overhead_repeats):  # interleaved, so drifting load hits both alike
+                    base, _, base_out = self.baseline(f"overhead_baseline_{loop}{rep}", input_path, sim.url,
                                                       uvloop=uvloop)
-            written = metrics["rollouts"]["succeeded"]
-            base_rows = count_lines(base_out)
-            if written != rows or base_rows != rows:
-                raise RuntimeError(f"overhead run lost rows: collector {written}, baseline {base_rows} of {rows}")
-            answer_bytes = output.stat().st_size / rows
-            ours, theirs = run.cpu_s / rows, base.cpu_s / rows
-            ratio = ours / theirs
-            steady_ours, steady_theirs = run.steady_cpu_per_row_s(rows), base.steady_cpu_per_row_s(rows)
+                    run, metrics, output = self.collector(f"overhead_collector_{loop}{rep}", input_path, sim.url,
+                                                          uvloop=uvloop)
+                    written, base_rows = metrics["rollouts"]["succeeded"], count_lines(base_out)
+                    if written != rows or base_rows != rows:
+                        raise RuntimeError(f"overhead lost rows: collector {written}, baseline {base_rows} of {rows}")
+                    answer_bytes = output.stat().st_size / rows
+                    theirs.append(base)
+                    ours.append(run)
+            ours_s = statistics.median(r.cpu_s for r in ours) / rows
+            theirs_s = statistics.median(r.cpu_s for r in theirs) / rows
+            ratio = ours_s / theirs_s
+            steady_ours = _median([r.steady_cpu_per_row_s(rows) for r in ours])
+            steady_theirs = _median([r.steady_cpu_per_row_s(rows) for r in theirs])
             steady = steady_ours / steady_theirs if steady_ours and steady_theirs else None
-            steady_text = f"{steady:.2f}" if steady is not None else "n/a"
-            tag = "" if uvloop else " (asyncio loop)"
+            steady_text = (f"{steady:.2f} ({steady_ours * 1e6:.0f} vs {steady_theirs * 1e6:.0f} us/rollout)"
+                           if steady and steady_ours and steady_theirs else "n/a")
             self.add(Figure(
-                f"overhead_{loop}", f"2{'' if uvloop else 'b'} overhead ratio, CPU/rollout vs baseline{tag}", ratio,
+                f"overhead_{loop}", f"2{' bcd'[n].strip()} overhead ratio, CPU/rollout vs baseline, {loop}", ratio,
                 "", "<= 1.5", check(ratio, "<= 1.5"),
-                [f"{loop}: collector {ours * 1e6:.0f} us/rollout ({run.cpu_s:.2f} s CPU, {run.wall_s:.1f} s wall, "
-                 f"{rows / run.wall_s:.0f}/s), baseline {theirs * 1e6:.0f} us/rollout ({base.cpu_s:.2f} s CPU, "
-                 f"{base.wall_s:.1f} s wall, {rows / base.wall_s:.0f}/s); {rows} rows, {answer_bytes:.0f} B "
-                 f"answers; steady-state ratio {steady_text}"
-                 + (f" (collector {steady_ours * 1e6:.0f} vs baseline {steady_theirs * 1e6:.0f} us/rollout)"
-                    if steady_ours and steady_theirs else "")],
-                {"loop": loop, "rows": rows, "answer_bytes": answer_bytes, "collector_cpu_s": run.cpu_s,
-                 "baseline_cpu_s": base.cpu_s, "collector_wall_s": run.wall_s, "baseline_wall_s": base.wall_s,
-                 "collector_user_s": run.user_s, "collector_system_s": run.system_s,
-                 "baseline_user_s": base.user_s, "baseline_system_s": base.system_s,
-                 "steady_collector_cpu_per_row_s": steady_ours, "steady_baseline_cpu_per_row_s": steady_theirs,
+                [f"{loop}: collector {ours_s * 1e6:.0f} us/rollout, baseline {theirs_s * 1e6:.0f} us/rollout (medians "
+                 f"of {len(ours)}: {', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in ours)} vs "
+                 f"{', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in theirs)}); {rows} rows, {answer_bytes:.0f} B "
+                 f"answers; wall {statistics.median(r.wall_s for r in ours):.1f} vs "
+                 f"{statistics.median(r.wall_s for r in theirs):.1f} s; steady-state ratio (start-up and shutdown "
+                 f"excluded) {steady_text}"],
+                {"loop": loop, "rows": rows, "answer_bytes": answer_bytes,
+                 "collector_cpu_s": [r.cpu_s for r in ours], "baseline_cpu_s": [r.cpu_s for r in theirs],
+                 "collector_wall_s": [r.wall_s for r in ours], "baseline_wall_s": [r.wall_s for r in theirs],
+                 "collector_cpu_per_rollout_s": ours_s, "baseline_cpu_per_rollout_s": theirs_s,
+                 "steady_collector_cpu_per_rollout_s": steady_ours, "steady_baseline_cpu_per_rollout_s": steady_theirs,
                  "steady_ratio": steady},
             ))
 
@@ -284,6 +310,11 @@ class Bench:
         ))
 
 
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
 class FirstRequestServer:
     """A tiny aiohttp server in a thread: echoes `POST /run` bodies and records `first_at`, the wall-clock
     time (`time.time()`) of the first request since `first_at` was last set to None."""
@@ -331,8 +362,11 @@ def render(figures: list[Figure], info: dict[str, Any], mode: str, duration_s: f
     lines = [
         f"gym_collect benchmark ({mode}, {duration_s:.0f} s)",
         f"machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "
-        f"uvloop {'yes' if info['uvloop'] else 'no'} (collector and baseline on {loop} unless noted); "
+        f"uvloop {'yes' if info['uvloop'] else 'no'} (collector and baseline on {loop} unless noted), "
+        f"load average {info['load_average_1m']} at start, {info['load_average_end_1m']} at end; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
+        f"inputs: real NeMo Gym rows ({Path(info['real_rows']).name}, replicated) for figures 1, 4 and 5; small "
+        "synthetic rows for 2 and 3; parallelism 64 unless noted",
         "",
     ]
     rows = [("figure", "measured", "target", "result")]
@@ -347,6 +381,9 @@ def render(figures: list[Figure], info: dict[str, Any], mode: str, duration_s: f
         lines.append("  ".join(cells))
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if mode == "quick":
+        lines += ["", "quick mode: every size is scaled down, so start-up and ramp effects weigh more; the figures are "
+                  "indicative only (the targets apply to the full run)"]
     lines += ["", "notes:"]
     for f in figures:
         lines += [f"  {f.label}: {note}" for note in f.notes]
@@ -360,6 +397,7 @@ def main() -> int:
     parser.add_argument("--only", default=",".join(GROUPS), help=f"comma list of {', '.join(GROUPS)}")
     parser.add_argument("--workdir", type=Path, help="keep inputs, outputs and logs here (default: a temp dir)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # clean up children on kill
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     if unknown := sorted(set(groups) - set(GROUPS)):
         parser.error(f"--only: unknown {unknown}; choose from {', '.join(GROUPS)}")
@@ -379,6 +417,7 @@ def main() -> int:
             print(f"bench failed in a run: {exc}", file=sys.stderr)
             return 1
     duration_s = time.monotonic() - started
+    info["load_average_end_1m"] = round(os.getloadavg()[0], 2)
     print()
     print(render(bench.figures, info, mode, duration_s))
     if args.json:

@@ -32,6 +32,8 @@ from gym_collect.collect import collect
 from gym_collect.config import AutoConfig, CollectConfig
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
 
+SCENARIOS = ("gpu", "rate_limited", "halving")
+
 
 @dataclass
 class Run:
@@ -76,13 +78,24 @@ def follow_time_s(run: Run, halve_at_s: float, new_capacity: int) -> float | Non
     return None
 
 
-async def bench(quick: bool) -> list[tuple[str, float | None, str, bool]]:
+async def bench(quick: bool, scenarios: set[str]) -> list[tuple[str, float | None, str, bool]]:
     seconds = 8 if quick else 20
     work = Path(tempfile.mkdtemp(prefix="gym_collect_bench_auto_"))
     figures: list[tuple[str, float | None, str, bool]] = []
 
-    gpu = SimAgentConfig(capacity=32, service_time_s=0.1, service_sigma=0.2, mode="gpu", seed=1)
     rows = int(320 * seconds)
+    if "gpu" in scenarios:
+        figures += await bench_gpu(work, rows, seconds)
+    if "rate_limited" in scenarios:
+        figures += await bench_rate_limited(work, rows)
+    if "halving" in scenarios:
+        figures += await bench_halving(work, seconds)
+    return figures
+
+
+async def bench_gpu(work: Path, rows: int, seconds: float) -> list[tuple[str, float | None, str, bool]]:
+    figures: list[tuple[str, float | None, str, bool]] = []
+    gpu = SimAgentConfig(capacity=32, service_time_s=0.1, service_sigma=0.2, mode="gpu", seed=1)
     fixed = [await run_once(work, f"gpu-p{p}", gpu, p, rows) for p in (16, 32, 64)]
     unloaded = await run_once(work, "gpu-p8", gpu, 8, int(80 * seconds / 2))
     auto = await run_once(work, "gpu-auto", gpu, "auto", rows)
@@ -91,7 +104,11 @@ async def bench(quick: bool) -> list[tuple[str, float | None, str, bool]]:
     figures.append((f"gpu: auto / best fixed ({best.label}) rollouts/s", ratio, ">= 0.90", ratio >= 0.90))
     p99 = auto.p99_s / unloaded.p99_s
     figures.append(("gpu: auto p99 / unloaded p99", p99, "<= 2.0", p99 <= 2.0))
+    return figures
 
+
+async def bench_rate_limited(work: Path, rows: int) -> list[tuple[str, float | None, str, bool]]:
+    figures: list[tuple[str, float | None, str, bool]] = []
     limited = SimAgentConfig(capacity=32, service_time_s=0.1, service_sigma=0.2, mode="rate_limited",
                              rate_limit_retry_after_s=1.0, seed=2)
     fixed = [await run_once(work, f"rl-p{p}", limited, p, rows) for p in (16, 32)]
@@ -101,7 +118,11 @@ async def bench(quick: bool) -> list[tuple[str, float | None, str, bool]]:
     figures.append((f"rate_limited: auto / best fixed ({best.label}) rollouts/s", ratio, ">= 0.90", ratio >= 0.90))
     figures.append(("rate_limited: share of requests answered 429 (%)", 100 * auto.share_429, "< 1",
                     auto.share_429 < 0.01))
+    return figures
 
+
+async def bench_halving(work: Path, seconds: float) -> list[tuple[str, float | None, str, bool]]:
+    figures: list[tuple[str, float | None, str, bool]] = []
     halve_at = float(seconds)
     halving = SimAgentConfig(capacity=64, service_time_s=0.1, service_sigma=0.2, mode="gpu",
                              capacity_halve_at_s=halve_at, seed=3)
@@ -121,9 +142,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="shorter runs (rougher figures)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
+    parser.add_argument("--scenario", action="append", choices=SCENARIOS, help="run only these (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    figures = asyncio.run(bench(args.quick))
+    figures = asyncio.run(bench(args.quick, set(args.scenario or SCENARIOS)))
     print(f"{'figure':<58} {'value':>8}  {'target':<8} result")
     for name, value, target, ok in figures:
         shown = "n/a" if value is None else f"{value:.3f}"

@@ -1,0 +1,28 @@
+"""The benchmark script runs end to end (`scripts/bench.py --quick`); it never asserts on speed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from tests.conftest import REPO
+
+FIGURES = ("capacity ratio", "overhead ratio", "memory ratio", "start-up", "order cost")
+
+
+def test_bench_quick_prints_all_five_figures(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    report = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--quick", "--json", str(report)],
+        cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=90,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    table = proc.stdout.split("gym_collect benchmark", 1)[1]
+    for figure in FIGURES:
+        assert figure in table, f"{figure!r} missing from:\n{table}"
+    keys = {f["key"] for f in orjson.loads(report.read_bytes())["figures"]}
+    assert {"capacity_64", "capacity_256", "memory", "startup", "order"} <= keys
+    assert any(key.startswith("overhead_") for key in keys)
