@@ -118,27 +118,37 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     return runner(coro)
 
 
-def _task(cfg: DictConfig) -> None:
-    redact_saved_config(cfg)
-    try:
-        result = run_async(collect(to_config(cfg), handle_signals=True))
-    except GymCollectError as exc:
-        log.error("%s", exc)
-        sys.exit(exc.exit_code)
-    sys.exit(result.exit_code)
+def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
+    """A console entry point that checks the overrides, lets Hydra compose the config, and exits with
+    `job(typed_config)`; a `GymCollectError` becomes one logged line and its exit code."""
+
+    def task(cfg: DictConfig) -> None:
+        redact_saved_config(cfg)
+        try:
+            code = job(to_config(cfg))
+        except GymCollectError as exc:
+            log.error("%s", exc)
+            sys.exit(exc.exit_code)
+        sys.exit(code)
+
+    def entry_point() -> None:
+        try:
+            args = normalize_overrides(sys.argv[1:])
+        except ConfigError as exc:
+            print(f"{prog}: error: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        sys.argv = [sys.argv[0], *args]
+        hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+
+    return entry_point
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point: `collect_rollouts KEY=VALUE ...` (Hydra overrides)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = normalize_overrides(args)
-    except ConfigError as exc:
-        print(f"collect_rollouts: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    sys.argv = [sys.argv[0], *args]
-    hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(_task)()
+def _collect_job(cfg: CollectConfig) -> int:
+    return run_async(collect(cfg, handle_signals=True)).exit_code
 
+
+main = hydra_command("collect_rollouts", _collect_job)
+"""Console entry point: `collect_rollouts KEY=VALUE ...` (Hydra overrides)."""
 
 if __name__ == "__main__":
     main()

@@ -19,10 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
-from omegaconf import DictConfig
-
-from gym_collect.cli import CONFIG_NAME, normalize_overrides, redact_saved_config, run_async, to_config
+from gym_collect.cli import hydra_command, run_async
 from gym_collect.collect import collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError
@@ -172,30 +169,18 @@ def format_report(report: TuneReport, command: str) -> str:
     return "\n".join(lines)
 
 
-def _task(cfg: DictConfig) -> None:
-    redact_saved_config(cfg)
-    try:
-        typed = to_config(cfg)
-        report = run_async(sweep(typed))
-        paths = write_report(report, typed.require_paths()[1])
-    except GymCollectError as exc:
-        log.error("%s", exc)
-        sys.exit(exc.exit_code)
-    print(format_report(report, "collect_rollouts " + " ".join(
-        a for a in sys.argv[1:] if not a.lstrip("+").startswith(("tune.", "num_samples_in_parallel", "start_idx")))))
+def _tune_job(cfg: CollectConfig) -> int:
+    report = run_async(sweep(cfg))
+    paths = write_report(report, cfg.require_paths()[1])
+    skip = ("tune.", "num_samples_in_parallel", "start_idx")
+    command = " ".join(["collect_rollouts", *(a for a in sys.argv[1:] if not a.lstrip("+").startswith(skip))])
+    print(format_report(report, command))
     print("Wrote " + ", ".join(str(p) for p in paths))
+    return 0
 
 
-def main() -> None:
-    """Console entry point: `tune_parallelism KEY=VALUE ...` (the keys of `collect_rollouts`, plus `tune.*`)."""
-    try:
-        args = normalize_overrides(sys.argv[1:])
-    except GymCollectError as exc:
-        print(f"tune_parallelism: error: {exc}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    sys.argv = [sys.argv[0], *args]
-    hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(_task)()
-
+main = hydra_command("tune_parallelism", _tune_job)
+"""Console entry point: `tune_parallelism KEY=VALUE ...` (the keys of `collect_rollouts`, plus `tune.*`)."""
 
 if __name__ == "__main__":
     main()
