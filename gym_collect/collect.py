@@ -37,8 +37,8 @@ from gym_collect.writer import LineFile, OutputPaths, RolloutWriter, write_json_
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_BAD_SETUP, EXIT_FAILURES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
-REORDER_WINDOW_PER_SLOT = 8
-MIN_REORDER_WINDOW = 1024
+REORDER_WINDOW_PER_SLOT = 32
+MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
 
 
 @dataclass
@@ -116,7 +116,7 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
         gate, adaptive = _make_gate(cfg, urls)
         if adaptive is not None:
             metrics.record_limit(adaptive.limit)
-        window = cfg.reorder_window or max(MIN_REORDER_WINDOW, REORDER_WINDOW_PER_SLOT * (gate.limit or 1))
+        window = cfg.reorder_window or _reorder_window(cfg, gate)
         requests = iter_requests(rows, cfg.num_repeats, cfg.agent_name, cfg.responses_create_params, done.is_done)
         log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
                  expected - done.count, found.num_rows, cfg.num_repeats, done.count, input_path, output_path)
@@ -165,6 +165,12 @@ def _make_gate(cfg: CollectConfig, urls: dict[str, str]) -> tuple[ConcurrencyGat
     hosts = len(set(urls.values())) or 1
     bound = min(cfg.global_aiohttp_connector_limit, cfg.global_aiohttp_connector_limit_per_host * hosts)
     return ConcurrencyGate(bound), None
+
+
+def _reorder_window(cfg: CollectConfig, gate: ConcurrencyGate) -> int:
+    """Held rollouts at most for `output_order=input`: 32 per slot of the largest limit, in [4096, 65536]."""
+    slots = cfg.auto.max if cfg.is_auto else (gate.limit or MAX_REORDER_WINDOW)
+    return min(MAX_REORDER_WINDOW, max(MIN_REORDER_WINDOW, REORDER_WINDOW_PER_SLOT * slots))
 
 
 def _exit_code(metrics: RunMetrics) -> int:

@@ -11,7 +11,7 @@ Figures:
      NeMo Gym rows (ns_tools__compmath_test.jsonl replicated), ~12 s each. The rate is the metrics file's
      succeeded / wall_time_s (start-up excluded); the end-to-end rate (process spawn to exit) is shown too,
      and, as a reference for what the harness allows, the bare baseline's rate in the same set-up (first
-     request to last answer). Target >= 0.97.
+     request to last answer); 1c (informational) is collector rate / baseline rate. Target >= 0.97.
   2. overhead ratio: CPU seconds per rollout of the collector / of `scripts/baseline_collector.py` (a bare
      aiohttp + orjson loop under a semaphore), service time 0, ~1.5 KB answers, parallelism 64, small
      synthetic rows, both on the same event loop (uvloop when installed, as the collector picks it; the
@@ -154,6 +154,7 @@ class Bench:
 
     # 1. capacity ------------------------------------------------------------------------------------------
     def capacity(self) -> None:
+        versus: dict[int, float] = {}
         for capacity, service_s, batches in ((64, 0.1, self.plan.capacity_batches[0]),
                                              (256, 0.2, self.plan.capacity_batches[1])):
             rows = capacity * batches
@@ -170,6 +171,7 @@ class Bench:
             active = metrics.get("active_rollouts_per_s")
             active_text = f"first request to end {active / backend:.3f}; " if active else ""
             base_rate = base["rollouts"] / base["active_s"]
+            versus[capacity] = (active or rate) / base_rate  # both from the first request to the end
             lat = metrics["latency_s"]
             label = f"1{'ab'[capacity == 256]} capacity ratio, {capacity} @ {service_s * 1000:.0f} ms, p={capacity}"
             self.add(Figure(
@@ -191,6 +193,13 @@ class Bench:
                      f"end-to-end {e2e:.1f}/s; the bare baseline reaches {base_rate:.1f}/s"],
                     {"rollouts_per_s": rate, "backend_per_s": backend, "baseline_per_s": base_rate},
                 ))
+        self.add(Figure(
+            "capacity_vs_baseline", "1c capacity, collector / bare baseline (lower of 1a, 1b)", min(versus.values()),
+            "", "", None,
+            [", ".join(f"capacity {c}: {v:.3f}" for c, v in versus.items()) + " (informational: the share of "
+             "what this sim and machine allow a bare client that the collector reaches)"],
+            {"by_capacity": {str(c): v for c, v in versus.items()}},
+        ))
 
     # 2. overhead ------------------------------------------------------------------------------------------
     def overhead(self) -> None:
@@ -373,8 +382,9 @@ def render(figures: list[Figure], info: dict[str, Any], mode: str, duration_s: f
     for f in figures:
         value = f"{f.value:.3f}" if f.unit in ("", "s") else f"{f.value:.1f}"
         unit = f" {f.unit}" if f.unit else ""
+        target = f.target + unit if f.target else "-"
         result = "-" if f.passed is None else ("PASS" if f.passed else "MISS")
-        rows.append((f.label, value + unit, f.target + unit, result))
+        rows.append((f.label, value + unit, target, result))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for n, r in enumerate(rows):
         cells = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
