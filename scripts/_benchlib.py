@@ -34,14 +34,15 @@ REAL_ROWS = Path(os.environ.get(
     "BENCH_REAL_ROWS", REPO.parent / "shared" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"))
 FALLBACK_ROWS = REPO / "data" / "example.jsonl"
 
-
-def real_rows_source() -> Path:
-    """The real NeMo Gym rows replicated by `write_real_rows`: `REAL_ROWS`, else the repo's example rows."""
-    return REAL_ROWS if REAL_ROWS.exists() else FALLBACK_ROWS
 POLL_S = 0.02
 MB = 1024 * 1024
 SIM_START_TIMEOUT_S = 30.0
 NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; "  # makes `import uvloop` raise ImportError
+
+
+def real_rows_source() -> Path:
+    """The real NeMo Gym rows replicated by `write_real_rows`: `REAL_ROWS`, else the repo's example rows."""
+    return REAL_ROWS if REAL_ROWS.exists() else FALLBACK_ROWS
 
 
 @dataclass
@@ -178,12 +179,6 @@ class SimServer:
                 raise RuntimeError(f"sim agent did not start: {' '.join(self.cmd)}; see {self.log_path}")
         self.url = line.decode().split("listening on ", 1)[1].strip()
         return self
-
-    def cpu_s(self) -> float:
-        """CPU seconds the sim agent used so far."""
-        assert self._proc is not None
-        cpu = psutil.Process(self._proc.pid).cpu_times()
-        return cpu.user + cpu.system
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
