@@ -12,9 +12,8 @@ import difflib
 import logging
 import re
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -32,7 +31,6 @@ HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-c
                           "--config-dir", "-cd", "--experimental-rerun"}
 OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<rest>=.*)?$", re.DOTALL)
 REDACTED = "<redacted>"
-T = TypeVar("T")
 
 ConfigStore.instance().store(name=CONFIG_NAME, node=CollectConfig)
 
@@ -108,16 +106,6 @@ def redact_saved_config(cfg: DictConfig) -> None:
             path.write_text(redacted)
 
 
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed, else on asyncio's default loop."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    runner: Callable[[Coroutine[Any, Any, T]], T] = uvloop.run
-    return runner(coro)
-
-
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
     """A console entry point that checks the overrides, lets Hydra compose the config, and exits with
     `job(typed_config)`; a `GymCollectError` becomes one logged line and its exit code."""
@@ -144,7 +132,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
 
 
 def _collect_job(cfg: CollectConfig) -> int:
-    return run_async(collect(cfg, handle_signals=True)).exit_code
+    return asyncio.run(collect(cfg, handle_signals=True)).exit_code
 
 
 main = hydra_command("collect_rollouts", _collect_job)

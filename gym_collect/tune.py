@@ -9,6 +9,7 @@ collected is thrown away; the recommended command starts after the rows the swee
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import dataclasses
 import itertools
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gym_collect.cli import hydra_command, run_async
+from gym_collect.cli import hydra_command
 from gym_collect.collect import collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError
@@ -170,7 +171,7 @@ def format_report(report: TuneReport, command: str) -> str:
 
 
 def _tune_job(cfg: CollectConfig) -> int:
-    report = run_async(sweep(cfg))
+    report = asyncio.run(sweep(cfg))
     paths = write_report(report, cfg.require_paths()[1])
     skip = ("tune.", "num_samples_in_parallel", "start_idx")
     command = " ".join(["collect_rollouts", *(a for a in sys.argv[1:] if not a.lstrip("+").startswith(skip))])
