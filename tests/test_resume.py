@@ -144,3 +144,21 @@ def test_env_token_never_reaches_files_or_logs(tmp_path: Path, clean_env: dict[s
     assert token.encode() not in everything
     assert literal.encode() not in everything
     assert list(tmp_path.glob("outputs/*/*/.hydra/overrides.yaml"))  # Hydra's saved config exists, redacted
+
+
+def test_a_second_signal_exits_at_once_with_whole_lines(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(300))
+    with SimAgentThread(SimAgentConfig(capacity=64, service_time_s=0.2, service_sigma=1.0)) as sim:
+        proc = run_collector(tmp_path, sim.url, clean_env, "shutdown_grace_s=600")
+        out, deadline = tmp_path / "out.jsonl", time.monotonic() + 30
+        while time.monotonic() < deadline and not (out.exists() and out.stat().st_size > 0):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        stopped = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED, output.decode()
+    assert time.monotonic() - stopped < 5  # not the 600 s grace
+    assert "Second signal: exiting now" in output.decode()
+    read_jsonl(out)  # every line whole
