@@ -20,8 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, OutputError
-from gym_collect.merge import MergeRefused, check_shards, main, merge_metrics, merge_rollouts
+from gym_collect.merge import main, merge_metrics, merge_rollouts
 from gym_collect.metrics import RunMetrics
+from gym_collect.shards import MergeRefused, check_shards
 from gym_collect.stats import LatencyHistogram
 
 Pair = tuple[int, int]
