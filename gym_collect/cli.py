@@ -107,17 +107,18 @@ def redact_saved_config(cfg: DictConfig) -> None:
 
 
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
-    """A console entry point that checks the overrides, lets Hydra compose the config, and exits with
-    `job(typed_config)`; a `GymCollectError` becomes one logged line and its exit code."""
+    """A console entry point that checks the overrides, lets Hydra compose the config, runs
+    `job(typed_config)` for each job (several with `-m`), and exits with the highest exit code; a
+    `GymCollectError` becomes one logged line and its exit code."""
+    codes: list[int] = []
 
     def task(cfg: DictConfig) -> None:
         redact_saved_config(cfg)
         try:
-            code = job(to_config(cfg))
+            codes.append(job(to_config(cfg)))
         except GymCollectError as exc:
             log.error("%s", exc)
-            sys.exit(exc.exit_code)
-        sys.exit(code)
+            codes.append(exc.exit_code)
 
     def entry_point() -> None:
         try:
@@ -127,6 +128,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             sys.exit(exc.exit_code)
         sys.argv = [sys.argv[0], *args]
         hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+        sys.exit(max(codes, default=0))
 
     return entry_point
 

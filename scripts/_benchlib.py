@@ -37,7 +37,6 @@ FALLBACK_ROWS = REPO / "data" / "example.jsonl"
 POLL_S = 0.02
 MB = 1024 * 1024
 SIM_START_TIMEOUT_S = 30.0
-NO_UVLOOP = "import sys; sys.modules['uvloop'] = None; "  # makes `import uvloop` raise ImportError
 
 
 def real_rows_source() -> Path:
@@ -221,29 +220,22 @@ def write_small_rows(path: Path, n: int) -> Path:
     return path
 
 
-def collector_cmd(
-    input_path: Path, output_path: Path, url: str, parallelism: int, *, uvloop: bool = True, **extra: Any
-) -> list[str]:
-    """`python -m gym_collect KEY=VALUE ...` as a user runs it, progress off, Hydra's run dir beside the
-    output. Every row's agent goes to `url`. `uvloop=False` hides uvloop from the child (asyncio's loop)."""
+def collector_cmd(input_path: Path, output_path: Path, url: str, parallelism: int, **extra: Any) -> list[str]:
+    """`python -m gym_collect KEY=VALUE ...` as a user runs it (asyncio's default loop), progress off,
+    Hydra's run dir beside the output. Every row's agent goes to `url`; `extra` are further overrides."""
     overrides = {
         "input_jsonl_fpath": input_path, "output_jsonl_fpath": output_path, "agent_url": url,
         "num_samples_in_parallel": parallelism, "progress": "false", "overwrite": "true",
         "hydra.run.dir": output_path.with_suffix(".hydra"), **extra,
     }
-    args = [f"{key}={value}" for key, value in overrides.items()]
-    if uvloop:
-        return [sys.executable, "-m", "gym_collect", *args]
-    code = NO_UVLOOP + "from gym_collect.cli import main; main()"
-    return [sys.executable, "-c", code, *args]
+    return [sys.executable, "-m", "gym_collect", *(f"{key}={value}" for key, value in overrides.items())]
 
 
-def baseline_cmd(input_path: Path, output_path: Path, url: str, parallelism: int, *, uvloop: bool = True) -> list[str]:
-    """`python scripts/baseline_collector.py ...` on the collector's loop flavour: uvloop when installed
-    (`uvloop=True`, as collect_rollouts picks), else asyncio's."""
+def baseline_cmd(input_path: Path, output_path: Path, url: str, parallelism: int) -> list[str]:
+    """`python scripts/baseline_collector.py ...` (asyncio's default loop, as the collector)."""
     script = Path(__file__).resolve().parent / "baseline_collector.py"
     return [sys.executable, str(script), "--input", str(input_path), "--output", str(output_path), "--url", url,
-            "--parallelism", str(parallelism), "--loop", "auto" if uvloop else "asyncio"]
+            "--parallelism", str(parallelism)]
 
 
 def read_metrics(output_path: Path) -> dict[str, Any]:
@@ -259,7 +251,8 @@ def count_lines(path: Path) -> int:
 
 
 def uvloop_available() -> bool:
-    """True when uvloop can be imported by this interpreter (the collector then runs on it)."""
+    """True when uvloop can be imported by this interpreter (the simulated agent then runs on it; the
+    collector and the baseline always run on asyncio's default loop)."""
     return importlib.util.find_spec("uvloop") is not None
 
 

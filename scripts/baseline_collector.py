@@ -7,10 +7,11 @@ set the same indices, append it as one line to a buffered file. Rows are read la
 retries, no metrics, no resume, no per-line durability, no progress.
 
     python scripts/baseline_collector.py --input rows.jsonl --output out.jsonl --url http://127.0.0.1:8000 \
-        --parallelism 64 [--loop auto|uvloop|asyncio]
+        --parallelism 64
 
-Prints one JSON line, `{"rollouts": N, "wall_s": S, "active_s": A, "loop": LOOP}` (`active_s`: first request
-to last answer written, as the collector's metrics file counts it) and exits 0, or fails with the first error.
+Runs on asyncio's default loop (`asyncio.run`), as collect_rollouts does. Prints one JSON line,
+`{"rollouts": N, "wall_s": S, "active_s": A}` (`active_s`: first request to last answer written, as the
+collector's metrics file counts it) and exits 0, or fails with the first error.
 """
 
 from __future__ import annotations
@@ -65,22 +66,10 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--url", required=True, help="agent base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--parallelism", type=int, default=64)
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto",
-                        help="auto: uvloop when installed, as collect_rollouts does")
     args = parser.parse_args()
     start = time.monotonic()
-    coro = collect(args.input, args.output, args.url.rstrip("/"), args.parallelism)
-    loop_name = "asyncio"
-    if args.loop != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            if args.loop == "uvloop":
-                parser.error("--loop uvloop: uvloop is not installed")
-        else:
-            loop_name = "uvloop"
-    written, active_s = uvloop.run(coro) if loop_name == "uvloop" else asyncio.run(coro)
-    summary = {"rollouts": written, "wall_s": time.monotonic() - start, "active_s": active_s, "loop": loop_name}
+    written, active_s = asyncio.run(collect(args.input, args.output, args.url.rstrip("/"), args.parallelism))
+    summary = {"rollouts": written, "wall_s": time.monotonic() - start, "active_s": active_s}
     print(orjson.dumps(summary).decode())
     return 0
 

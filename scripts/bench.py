@@ -4,18 +4,21 @@ machine noise cancels, printed as a table with its target and PASS/MISS.
 The simulated agent (`python -m gym_collect.sim_agent`) runs in its own process on 127.0.0.1 and
 `collect_rollouts` runs as a real subprocess (`python -m gym_collect ... progress=false`), exactly as a user
 runs it. CPU and peak RSS are the collector process's own (`os.wait4` rusage; psutil samples while it runs).
+The collector and the bare baseline both run on asyncio's default loop (collect_rollouts always does); the
+simulated agent, a model of the backend, runs on uvloop when it is installed.
 
 Figures:
   1. capacity ratio: rollouts/s achieved / backend capacity (capacity / service time), for capacity 64 at
      100 ms with num_samples_in_parallel=64 (640/s) and capacity 256 at 200 ms with 256 (1280/s), real
      NeMo Gym rows (ns_tools__compmath_test.jsonl replicated), ~12 s each. The rate is the metrics file's
-     succeeded / wall_time_s (start-up excluded); the end-to-end rate (process spawn to exit) is shown too,
-     and, as a reference for what the harness allows, the bare baseline's rate in the same set-up (first
-     request to last answer); 1c (informational) is collector rate / baseline rate. Target >= 0.97.
+     succeeded / wall_time_s (from the end of the input scan to the output closed: interpreter, Hydra and
+     the scan excluded); the end-to-end rate (process spawn to exit) is shown too, and, as a reference for
+     what the harness allows, the bare baseline's rate in the same set-up (a fresh sim with the same
+     capacity and service time; first request to output closed). 1c (informational) is the collector's
+     rate over that same span (the metrics file's active_rollouts_per_s) / the baseline's. Target >= 0.97.
   2. overhead ratio: CPU seconds per rollout of the collector / of `scripts/baseline_collector.py` (a bare
      aiohttp + orjson loop under a semaphore), service time 0, ~1.5 KB answers, parallelism 64, small
-     synthetic rows, both on the same event loop (uvloop when installed, as the collector picks it; the
-     full run also compares both on asyncio's loop). Whole-process CPU, start-up included, medians of 3
+     synthetic rows, both on asyncio's default loop. Whole-process CPU, start-up included, medians of 3
      interleaved pairs (1 with --quick); the steady-state ratio (CPU while the output grows) is in the
      notes. Target <= 1.5.
   3. memory ratio: peak RSS at 1,000,000 rows / at 10,000 rows (parallelism 64, service time 0, small
@@ -62,7 +65,6 @@ from _benchlib import (
     machine,
     read_metrics,
     run_child,
-    uvloop_available,
     write_real_rows,
     write_small_rows,
 )
@@ -79,15 +81,14 @@ class Plan:
 
     capacity_batches: tuple[int, int]  # rows = capacity x batches, for capacity 64 and 256
     overhead_rows: int
-    overhead_loops: tuple[str, ...]  # event loops to compare: "auto" (as collect_rollouts picks), "asyncio"
-    overhead_repeats: int  # baseline/collector pairs per flavour; the medians are compared
+    overhead_repeats: int  # interleaved baseline/collector pairs; the medians are compared
     memory_rows: tuple[int, int, int]  # small (base), main-job, large
     startup_repeats: int
     order_rows: int
 
 
-FULL = Plan((125, 60), 20_000, ("auto", "asyncio"), 3, (10_000, 200_000, 1_000_000), 3, 8_000)
-QUICK = Plan((16, 8), 3_000, ("auto",), 1, (2_000, 10_000, 20_000), 1, 1_500)
+FULL = Plan((125, 60), 20_000, 3, (10_000, 200_000, 1_000_000), 3, 8_000)
+QUICK = Plan((16, 8), 3_000, 1, (2_000, 10_000, 20_000), 1, 1_500)
 
 
 @dataclass
@@ -120,24 +121,24 @@ class Bench:
         self.plan = plan
         self.figures: list[Figure] = []
 
-    def collector(self, name: str, input_path: Path, url: str, parallelism: int = PARALLELISM, *,
-                  uvloop: bool = True, **extra: Any) -> tuple[ChildRun, dict[str, Any], Path]:
+    def collector(self, name: str, input_path: Path, url: str, parallelism: int = PARALLELISM,
+                  **extra: Any) -> tuple[ChildRun, dict[str, Any], Path]:
         """One `collect_rollouts` run; returns the child's measurements, its metrics file and output path."""
         output = self.dir / f"{name}.jsonl"
         output.unlink(missing_ok=True)
-        run = run_child(collector_cmd(input_path, output, url, parallelism, uvloop=uvloop, **extra),
+        run = run_child(collector_cmd(input_path, output, url, parallelism, **extra),
                         cwd=self.dir, log_path=self.dir / f"{name}.log", watch=output)
         if run.exit_code != 0:
             raise RuntimeError(f"collect_rollouts ({name}) exited {run.exit_code}:\n{run.log[-3000:]}")
         return run, read_metrics(output), output
 
-    def baseline(self, name: str, input_path: Path, url: str, parallelism: int = PARALLELISM, *,
-                 uvloop: bool = True) -> tuple[ChildRun, dict[str, Any], Path]:
+    def baseline(self, name: str, input_path: Path, url: str,
+                 parallelism: int = PARALLELISM) -> tuple[ChildRun, dict[str, Any], Path]:
         """One `scripts/baseline_collector.py` run; returns the child's measurements, its summary line
-        (`rollouts`, `wall_s`, `active_s`, `loop`) and its output path."""
+        (`rollouts`, `wall_s`, `active_s`) and its output path."""
         output = self.dir / f"{name}.jsonl"
         output.unlink(missing_ok=True)
-        run = run_child(baseline_cmd(input_path, output, url, parallelism, uvloop=uvloop), cwd=self.dir,
+        run = run_child(baseline_cmd(input_path, output, url, parallelism), cwd=self.dir,
                         log_path=self.dir / f"{name}.log", watch=output)
         if run.exit_code != 0:
             raise RuntimeError(f"baseline_collector ({name}) exited {run.exit_code}:\n{run.log[-3000:]}")
@@ -169,16 +170,18 @@ class Bench:
             rate = succeeded / wall_s
             e2e = succeeded / run.wall_s
             active = metrics.get("active_rollouts_per_s")
-            active_text = f"first request to end {active / backend:.3f}; " if active else ""
+            active_text = f"first request to output closed {active / backend:.3f}; " if active else ""
             base_rate = base["rollouts"] / base["active_s"]
-            versus[capacity] = (active or rate) / base_rate  # both from the first request to the end
+            versus[capacity] = (active or rate) / base_rate  # both from the first request to the output closed
             lat = metrics["latency_s"]
             label = f"1{'ab'[capacity == 256]} capacity ratio, {capacity} @ {service_s * 1000:.0f} ms, p={capacity}"
             self.add(Figure(
                 f"capacity_{capacity}", label, rate / backend, "", ">= 0.97", check(rate / backend, ">= 0.97"),
-                [f"{rate:.1f}/s of {backend:.0f}/s: {succeeded} rows in {wall_s:.2f} s (ideal {batches * service_s:.1f}"
-                 f" s); {active_text}end-to-end {e2e:.1f}/s = {e2e / backend:.3f} ({run.wall_s:.2f} s with "
-                 f"start-up); bare baseline {base_rate / backend:.3f} (first request to end, same sim set-up); "
+                [f"{rate:.1f}/s of {backend:.0f}/s: {succeeded} rows in the metrics file's wall_time_s "
+                 f"{wall_s:.2f} s (input scan done to output closed; ideal {batches * service_s:.1f} s); "
+                 f"{active_text}end-to-end {e2e:.1f}/s = {e2e / backend:.3f} ({run.wall_s:.2f} s spawn to exit); "
+                 f"bare baseline {base_rate / backend:.3f} = {base_rate:.1f}/s (first request to output closed, "
+                 f"fresh sim with the same capacity and service time, run just before); "
                  f"latency p50 {lat['p50']:.3f} p99 {lat['p99']:.3f} s"],
                 {"rows": succeeded, "rollouts_per_s": rate, "backend_per_s": backend, "wall_time_s": wall_s,
                  "active_rollouts_per_s": active, "end_to_end_s": run.wall_s, "end_to_end_per_s": e2e,
@@ -196,8 +199,10 @@ class Bench:
         self.add(Figure(
             "capacity_vs_baseline", "1c capacity, collector / bare baseline (lower of 1a, 1b)", min(versus.values()),
             "", "", None,
-            [", ".join(f"capacity {c}: {v:.3f}" for c, v in versus.items()) + " (informational: the share of "
-             "what this sim and machine allow a bare client that the collector reaches)"],
+            [", ".join(f"capacity {c}: {v:.3f}" for c, v in versus.items()) + " (informational: collector "
+             "rollouts/s / bare baseline rollouts/s, both counted from the first request to the output closed, "
+             "each against a fresh sim with the same capacity and service time: the share of what this sim and "
+             "machine allow a bare client that the collector reaches)"],
             {"by_capacity": {str(c): v for c, v in versus.items()}},
         ))
 
@@ -205,49 +210,42 @@ class Bench:
     def overhead(self) -> None:
         rows = self.plan.overhead_rows
         input_path = write_small_rows(self.dir / "overhead_in.jsonl", rows)
-        default = "uvloop" if uvloop_available() else "asyncio"  # what collect_rollouts picks
-        loops = list(dict.fromkeys(default if loop == "auto" else loop for loop in self.plan.overhead_loops))
-        for n, loop in enumerate(loops):
-            uvloop = loop == "uvloop"
-            ours: list[ChildRun] = []
-            theirs: list[ChildRun] = []
-            with self.sim(f"overhead_{loop}", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
-                          response_pad_bytes=ANSWER_PAD_BYTES) as sim:
-                for rep in range(self.plan.overhead_repeats):  # interleaved, so drifting load hits both alike
-                    base, _, base_out = self.baseline(f"overhead_baseline_{loop}{rep}", input_path, sim.url,
-                                                      uvloop=uvloop)
-                    run, metrics, output = self.collector(f"overhead_collector_{loop}{rep}", input_path, sim.url,
-                                                          uvloop=uvloop)
-                    written, base_rows = metrics["rollouts"]["succeeded"], count_lines(base_out)
-                    if written != rows or base_rows != rows:
-                        raise RuntimeError(f"overhead lost rows: collector {written}, baseline {base_rows} of {rows}")
-                    answer_bytes = output.stat().st_size / rows
-                    theirs.append(base)
-                    ours.append(run)
-            ours_s = statistics.median(r.cpu_s for r in ours) / rows
-            theirs_s = statistics.median(r.cpu_s for r in theirs) / rows
-            ratio = ours_s / theirs_s
-            steady_ours = _median([r.steady_cpu_per_row_s(rows) for r in ours])
-            steady_theirs = _median([r.steady_cpu_per_row_s(rows) for r in theirs])
-            steady = steady_ours / steady_theirs if steady_ours and steady_theirs else None
-            steady_text = (f"{steady:.2f} ({steady_ours * 1e6:.0f} vs {steady_theirs * 1e6:.0f} us/rollout)"
-                           if steady and steady_ours and steady_theirs else "n/a")
-            self.add(Figure(
-                f"overhead_{loop}", f"2{' bcd'[n].strip()} overhead ratio, CPU/rollout vs baseline, {loop}", ratio,
-                "", "<= 1.5", check(ratio, "<= 1.5"),
-                [f"{loop}: collector {ours_s * 1e6:.0f} us/rollout, baseline {theirs_s * 1e6:.0f} us/rollout (medians "
-                 f"of {len(ours)}: {', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in ours)} vs "
-                 f"{', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in theirs)}); {rows} rows, {answer_bytes:.0f} B "
-                 f"answers; wall {statistics.median(r.wall_s for r in ours):.1f} vs "
-                 f"{statistics.median(r.wall_s for r in theirs):.1f} s; steady-state ratio (start-up and shutdown "
-                 f"excluded) {steady_text}"],
-                {"loop": loop, "rows": rows, "answer_bytes": answer_bytes,
-                 "collector_cpu_s": [r.cpu_s for r in ours], "baseline_cpu_s": [r.cpu_s for r in theirs],
-                 "collector_wall_s": [r.wall_s for r in ours], "baseline_wall_s": [r.wall_s for r in theirs],
-                 "collector_cpu_per_rollout_s": ours_s, "baseline_cpu_per_rollout_s": theirs_s,
-                 "steady_collector_cpu_per_rollout_s": steady_ours, "steady_baseline_cpu_per_rollout_s": steady_theirs,
-                 "steady_ratio": steady},
-            ))
+        ours: list[ChildRun] = []
+        theirs: list[ChildRun] = []
+        with self.sim("overhead", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
+                      response_pad_bytes=ANSWER_PAD_BYTES) as sim:
+            for rep in range(self.plan.overhead_repeats):  # interleaved, so drifting load hits both alike
+                base, _, base_out = self.baseline(f"overhead_baseline{rep}", input_path, sim.url)
+                run, metrics, output = self.collector(f"overhead_collector{rep}", input_path, sim.url)
+                written, base_rows = metrics["rollouts"]["succeeded"], count_lines(base_out)
+                if written != rows or base_rows != rows:
+                    raise RuntimeError(f"overhead lost rows: collector {written}, baseline {base_rows} of {rows}")
+                answer_bytes = output.stat().st_size / rows
+                theirs.append(base)
+                ours.append(run)
+        ours_s = statistics.median(r.cpu_s for r in ours) / rows
+        theirs_s = statistics.median(r.cpu_s for r in theirs) / rows
+        ratio = ours_s / theirs_s
+        steady_ours = _median([r.steady_cpu_per_row_s(rows) for r in ours])
+        steady_theirs = _median([r.steady_cpu_per_row_s(rows) for r in theirs])
+        steady = steady_ours / steady_theirs if steady_ours and steady_theirs else None
+        steady_text = (f"{steady:.2f} ({steady_ours * 1e6:.0f} vs {steady_theirs * 1e6:.0f} us/rollout)"
+                       if steady and steady_ours and steady_theirs else "n/a")
+        self.add(Figure(
+            "overhead", "2 overhead ratio, CPU/rollout vs bare baseline", ratio, "", "<= 1.5", check(ratio, "<= 1.5"),
+            [f"both on asyncio: collector {ours_s * 1e6:.0f} us/rollout, baseline {theirs_s * 1e6:.0f} us/rollout "
+             f"(medians of {len(ours)}: {', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in ours)} vs "
+             f"{', '.join(f'{r.cpu_s / rows * 1e6:.0f}' for r in theirs)}); {rows} rows, {answer_bytes:.0f} B "
+             f"answers; wall {statistics.median(r.wall_s for r in ours):.1f} vs "
+             f"{statistics.median(r.wall_s for r in theirs):.1f} s; steady-state ratio (start-up and shutdown "
+             f"excluded) {steady_text}"],
+            {"rows": rows, "answer_bytes": answer_bytes,
+             "collector_cpu_s": [r.cpu_s for r in ours], "baseline_cpu_s": [r.cpu_s for r in theirs],
+             "collector_wall_s": [r.wall_s for r in ours], "baseline_wall_s": [r.wall_s for r in theirs],
+             "collector_cpu_per_rollout_s": ours_s, "baseline_cpu_per_rollout_s": theirs_s,
+             "steady_collector_cpu_per_rollout_s": steady_ours, "steady_baseline_cpu_per_rollout_s": steady_theirs,
+             "steady_ratio": steady},
+        ))
 
     # 3. memory --------------------------------------------------------------------------------------------
     def memory(self) -> None:
@@ -367,11 +365,12 @@ class FirstRequestServer:
 
 def render(figures: list[Figure], info: dict[str, Any], mode: str, duration_s: float) -> str:
     """The printed report: machine line, table (figure, measured, target, result), then notes."""
-    loop = "uvloop" if info["uvloop"] else "asyncio"
+    loops = ("collector and baseline on asyncio; sim agent on uvloop" if info["uvloop"]
+             else "collector, baseline and sim agent on asyncio")
     lines = [
         f"gym_collect benchmark ({mode}, {duration_s:.0f} s)",
-        f"machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']}, "
-        f"uvloop {'yes' if info['uvloop'] else 'no'} (collector and baseline on {loop} unless noted), "
+        f"machine: {info['cpu_model']}, {info['cores']} cores, {info['memory_gib']} GiB, Python {info['python']} "
+        f"({loops}), "
         f"load average {info['load_average_1m']} at start, {info['load_average_end_1m']} at end; "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items()),
         f"inputs: real NeMo Gym rows ({Path(info['real_rows']).name}, replicated) for figures 1, 4 and 5; small "

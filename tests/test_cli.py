@@ -111,3 +111,13 @@ def test_missing_input_is_one_clear_line(tmp_path: Path, clean_env: dict[str, st
     assert proc.returncode == 2
     assert "missing.jsonl: input file not found; check input_jsonl_fpath" in proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_multirun_runs_every_job(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "prompts.jsonl", make_rows(10))
+    proc = subprocess.run(
+        [COLLECT, "-m", "num_samples_in_parallel=2,4", "input_jsonl_fpath=prompts.jsonl",
+         "output_jsonl_fpath=out_${num_samples_in_parallel}.jsonl", "agent_name=sim_agent", "sim.enabled=true",
+         "sim.service_time_s=0.001"], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert len(read_jsonl(tmp_path / "out_2.jsonl")) == len(read_jsonl(tmp_path / "out_4.jsonl")) == 10
