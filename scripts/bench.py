@@ -32,7 +32,7 @@ Figures:
 Main job (folded in): rollouts/s at capacity 64 / 100 ms / parallelism 64 against the backend's 640/s
 (from figure 1), and peak RSS at 10,000 and 200,000 rows (ratio <= 1.2).
 
-Command line (the full run takes ~8-10 minutes on 2 cores; --quick scales every size down, < 60 s):
+Command line (the full run takes ~5-6 minutes on 2 cores; --quick scales every size down, < 60 s):
     python scripts/bench.py [--quick] [--json PATH] [--only capacity,overhead,memory,startup,order]
                             [--workdir DIR]
 Exit code 0 when every run completed (PASS or MISS alike), 1 when a run failed.
