@@ -38,9 +38,9 @@ def test_soak_ends_every_rollout_exactly_once(tmp_path: Path, clean_env: dict[st
 def test_bench_auto_quick_prints_its_figures(tmp_path: Path, clean_env: dict[str, str]) -> None:
     report = tmp_path / "auto.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_auto.py"), "--quick", "--scenario",
-                           "halving", "--json", str(report)], cwd=tmp_path, env=clean_env, capture_output=True,
+                           "rate_limited", "--json", str(report)], cwd=tmp_path, env=clean_env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first, second = (f["figure"] for f in orjson.loads(report.read_bytes()))
-    assert first.startswith("halving: auto / best fixed") and second == "halving: seconds for the limit to follow"
-    assert "halving: seconds for the limit to follow" in proc.stdout
+    assert first.startswith("rate_limited: auto / best fixed") and second.startswith("rate_limited: share of requests")
+    assert "rate_limited: share of requests answered 429" in proc.stdout
