@@ -112,6 +112,9 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
         if cfg.resume:
             log.info("Resuming: %d rollouts already written, %d failures kept, %d to redo", prior.rollouts,
                      prior.failures_kept, prior.failures_redone)
+        if prior.duplicates:
+            log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
+                        paths.output, prior.duplicates)
         metrics.skipped_resume = done.count
         gate, adaptive = _make_gate(cfg, urls)
         if adaptive is not None:

@@ -42,7 +42,6 @@ class TuneConfig:
     max_error_rate: float = 0.0
     recommend_fraction: float = 0.8
     validate_rows: int = 0
-    report_prefix: str | None = None
 
     def __post_init__(self) -> None:
         _require(self.start >= 1, "tune.start", self.start, "an integer >= 1")

@@ -12,7 +12,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +69,6 @@ class PriorOutput:
     failures_kept: int = 0
     failures_redone: int = 0
     duplicates: int = 0
-    repaired_bytes: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 def input_identity(path: Path) -> dict[str, Any]:
@@ -117,7 +115,7 @@ def prepare_outputs(
             p.unlink(missing_ok=True)
     elif resume and existing:
         _check_manifest(paths.manifest, definition)
-        prior.repaired_bytes = _repair_torn_tail(paths.output)
+        _repair_torn_tail(paths.output)
         for line_no, record in _records(paths.output):
             if done.add(*_pair(record, paths.output, line_no)):
                 prior.rollouts += 1
@@ -149,25 +147,22 @@ def _check_manifest(path: Path, definition: dict[str, Any]) -> None:
         )
 
 
-def _repair_torn_tail(path: Path) -> int:
-    """Cut a last line that lacks its `\\n` (a write cut short by a crash); returns bytes removed."""
+def _repair_torn_tail(path: Path) -> None:
+    """Cut a last line that lacks its `\n` (a write cut short by a crash)."""
     if not path.exists():
-        return 0
+        return
     with path.open("rb+") as f:
-        size = f.seek(0, os.SEEK_END)
-        keep = size
+        size = keep = f.seek(0, os.SEEK_END)
         while keep > 0:
-            f.seek(max(0, keep - 65536))
-            chunk = f.read(keep - max(0, keep - 65536))
-            cut = chunk.rfind(b"\n")
+            start = max(0, keep - 65536)
+            f.seek(start)
+            cut = f.read(keep - start).rfind(b"\n")
+            keep = start + cut + 1 if cut >= 0 else start
             if cut >= 0:
-                keep = max(0, keep - len(chunk)) + cut + 1
                 break
-            keep = max(0, keep - len(chunk))
         if keep < size:
             f.truncate(keep)
             log.warning("%s: removed a torn last line (%d bytes) left by an interrupted run", path, size - keep)
-    return size - keep
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

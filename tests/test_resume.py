@@ -162,3 +162,18 @@ def test_a_second_signal_exits_at_once_with_whole_lines(tmp_path: Path, clean_en
     assert time.monotonic() - stopped < 5  # not the 600 s grace
     assert "Second signal: exiting now" in output.decode()
     read_jsonl(out)  # every line whole
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=200_000).map(lambda b: b.replace(b"\n", b"x")), max_size=4),
+       st.binary(max_size=150_000).map(lambda b: b.replace(b"\n", b"y")))
+def test_torn_tail_repair_keeps_exactly_the_whole_lines(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], torn: bytes
+) -> None:
+    from gym_collect.resume import _repair_torn_tail
+
+    path = tmp_path_factory.mktemp("torn") / "out.jsonl"
+    whole = b"".join(line + b"\n" for line in lines)
+    path.write_bytes(whole + torn)
+    _repair_torn_tail(path)
+    assert path.read_bytes() == whole
