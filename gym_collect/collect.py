@@ -76,7 +76,6 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
     if found.bad_rows:
         log.warning("%d bad input rows will be recorded as failures (on_bad_row=skip)", found.bad_rows)
     definition = {
-        "input_path": str(input_path.resolve()),
         "input": input_identity(input_path),
         "start_idx": rows.selection.start_idx,
         "stop_idx": rows.selection.start_idx + found.num_rows,
@@ -106,7 +105,7 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
         for url in sorted(set(urls.values())):
             await client.probe(url)
         prior = prepare_outputs(
-            paths, definition, done, resume=cfg.resume, overwrite=cfg.overwrite,
+            paths, definition, done, input_path=input_path, resume=cfg.resume, overwrite=cfg.overwrite,
             keep_permanent_failures=cfg.keep_permanent_failures, on_prior_rollout=metrics.add_prior,
         )
         if cfg.resume:

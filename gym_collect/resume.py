@@ -93,12 +93,16 @@ def prepare_outputs(
     definition: dict[str, Any],
     done: DoneSet,
     *,
+    input_path: Path,
     resume: bool,
     overwrite: bool,
     keep_permanent_failures: bool,
     on_prior_rollout: Callable[[dict[str, Any]], None],
 ) -> PriorOutput:
     """Make the output files ready for this run and fill `done` with what they already hold.
+
+    The manifest records `definition` (checked on resume; the input by size and fingerprint, so a moved or
+    copied input still resumes) and, for people, where the input was.
 
     Raises `OutputError` when output exists and neither `resume` nor `overwrite` is set, or a file in the
     middle is corrupt; `ConfigError` when resuming a run whose definition changed.
@@ -123,7 +127,8 @@ def prepare_outputs(
             else:
                 prior.duplicates += 1
         _keep_failures(paths.failures, done, keep_permanent_failures, prior)
-    write_json_atomic(paths.manifest, {"schema": MANIFEST_SCHEMA, "definition": definition})
+    manifest = {"schema": MANIFEST_SCHEMA, "input_path": str(input_path.resolve()), "definition": definition}
+    write_json_atomic(paths.manifest, manifest)
     return prior
 
 
