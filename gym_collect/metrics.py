@@ -93,11 +93,9 @@ class RunMetrics:
         """Rollouts/s over the last minute (since the start when younger); call it on a schedule."""
         now = self.clock()
         self._recent.append((now, self.done))
-        while len(self._recent) > 1 and now - self._recent[0][0] > RATE_WINDOW_S:
+        while len(self._recent) > 1 and now - self._recent[1][0] >= RATE_WINDOW_S:
             self._recent.popleft()
-        t0, d0 = self._recent[0]
-        if now - t0 <= 0:
-            t0, d0 = self.started, 0
+        t0, d0 = self._recent[0] if now - self.started >= RATE_WINDOW_S else (self.started, 0)
         return (self.done - d0) / max(now - t0, 1e-9)
 
     def snapshot(self) -> dict[str, Any]:
@@ -200,13 +198,14 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
 
-    def tick(self, status: dict[str, Any], log_every_s: float) -> None:
-        """Show the current limit and failures; without a terminal, log a line every `log_every_s`."""
+    def tick(self, status: dict[str, Any], log_every_s: float, final: bool = False) -> None:
+        """Show the current limit and failures; without a terminal, log a line every `log_every_s` and at
+        the end (`final`)."""
         if self._bar is not None:
-            self._bar.set_postfix(limit=status["limit"], failed=status["failed"], refresh=False)
+            self._bar.set_postfix(limit=status["limit"], failed=status["failed"], refresh=final)
             return
         now = time.monotonic()
-        if self._enabled and now - self._last_log >= log_every_s:
+        if self._enabled and (final or now - self._last_log >= log_every_s):
             self._last_log = now
             log.info(
                 "Collecting rollouts: %d/%d done, %d failed, %d in flight, %.1f rollouts/s, ETA %s s",

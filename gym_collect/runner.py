@@ -118,7 +118,7 @@ class Runner:
             flushed = self.writer.flush_held()
             if flushed:
                 log.info("Wrote %d held rollouts out of order at shutdown", flushed)
-            self._write_status()
+            self.progress.tick(self._write_status(), PROGRESS_LOG_EVERY_S, final=True)
 
     def stop(self, reason: str, grace_s: float) -> None:
         """Stop dispatching now; cancel what is still in flight after `grace_s` seconds. Idempotent."""

@@ -162,3 +162,18 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     assert sim.stats.max_in_flight <= 3
     assert sim.stats.requests > 100
     assert sorted(pairs(read_jsonl(paths.output))) == [(i, 0) for i in range(300)]
+
+
+def test_rate_over_the_last_minute_uses_an_injected_clock() -> None:
+    from gym_collect.metrics import RunMetrics
+
+    now = [0.0]
+    metrics = RunMetrics(1000, clock=lambda: now[0])
+    for t in range(1, 181):
+        now[0] = float(t)
+        metrics.succeeded += 10 if t <= 90 else 2
+        rate = metrics.rate_last_minute()
+        if t == 30:
+            assert rate == 10.0  # younger than a minute: since the start
+        if t == 180:
+            assert rate == 2.0  # the last minute only
