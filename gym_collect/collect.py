@@ -24,7 +24,6 @@ from typing import Any
 from gym_collect.agents import resolve_agents
 from gym_collect.client import AgentClient
 from gym_collect.config import CollectConfig
-from gym_collect.errors import GymCollectError
 from gym_collect.gate import ConcurrencyGate
 from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.metrics import Progress, RunMetrics
@@ -36,7 +35,7 @@ from gym_collect.writer import LineFile, OutputPaths, RolloutWriter, write_json_
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_BAD_SETUP, EXIT_FAILURES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 2, 3, 4, 130
+EXIT_OK, EXIT_FAILURES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 3, 4, 130  # 2: `GymCollectError.exit_code`
 REORDER_WINDOW_PER_SLOT = 32
 MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
 
@@ -116,8 +115,6 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
                         paths.output, prior.duplicates)
         metrics.skipped_resume = done.count
         gate, adaptive = _make_gate(cfg, urls)
-        if adaptive is not None:
-            metrics.record_limit(adaptive.limit)
         window = cfg.reorder_window or _reorder_window(cfg, gate)
         requests = iter_requests(rows, cfg.num_repeats, cfg.agent_name, cfg.responses_create_params, done.is_done)
         log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
@@ -139,7 +136,7 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
                 await runner.run(requests)
     if paths.failures.exists() and paths.failures.stat().st_size == 0:
         paths.failures.unlink()
-    snapshot = metrics.snapshot()
+    snapshot = metrics.snapshot(_limit_history(adaptive, metrics.started))
     write_json_atomic(paths.metrics, snapshot)
     for line in metrics.summary_lines():
         log.info("%s", line)
@@ -175,6 +172,14 @@ def _reorder_window(cfg: CollectConfig, gate: ConcurrencyGate) -> int:
     return min(MAX_REORDER_WINDOW, max(MIN_REORDER_WINDOW, REORDER_WINDOW_PER_SLOT * slots))
 
 
+def _limit_history(adaptive: AdaptiveLimit | None, started: float) -> list[tuple[float, int]]:
+    """The adaptive limit's bounded history as (seconds since `started`, limit), from its initial value."""
+    if adaptive is None:
+        return []
+    points = [(round(max(0.0, t - started), 3), limit) for t, limit in adaptive.history]
+    return [(0.0, adaptive.config.initial), *points]
+
+
 def _exit_code(metrics: RunMetrics) -> int:
     reason = metrics.stopped_reason
     if reason is not None:
@@ -204,5 +209,3 @@ def _signals(runner: Runner, grace_s: float, enabled: bool) -> Iterator[None]:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
 
-
-__all__ = ["EXIT_BAD_SETUP", "GymCollectError", "RunResult", "collect", "shard_output_path"]

@@ -45,7 +45,6 @@ class RunMetrics:
         self.fields = NumericFieldStats()
         self.by_agent: dict[str, Counter[str]] = {}
         self.failures_by_class: Counter[str] = Counter()
-        self.limit_history: list[tuple[float, int]] = []
         self.stopped_reason: str | None = None
         self.first_request: float | None = None
         self._recent: deque[tuple[float, int]] = deque()
@@ -85,10 +84,6 @@ class RunMetrics:
         if self.first_request is None:
             self.first_request = self.clock()
 
-    def record_limit(self, limit: int) -> None:
-        """Note a change of the in-flight limit (adaptive concurrency)."""
-        self.limit_history.append((round(self.elapsed_s, 3), limit))
-
     def rate_last_minute(self) -> float:
         """Rollouts/s over the last minute (since the start when younger); call it on a schedule."""
         now = self.clock()
@@ -98,8 +93,9 @@ class RunMetrics:
         t0, d0 = self._recent[0] if now - self.started >= RATE_WINDOW_S else (self.started, 0)
         return (self.done - d0) / max(now - t0, 1e-9)
 
-    def snapshot(self) -> dict[str, Any]:
-        """The metrics document (schema `gym_collect.metrics/1`), JSON-safe."""
+    def snapshot(self, limit_history: list[tuple[float, int]] | None = None) -> dict[str, Any]:
+        """The metrics document (schema `gym_collect.metrics/1`), JSON-safe; `limit_history` is the
+        adaptive limit's (seconds since the start, limit) points, when there is one."""
         wall = self.elapsed_s
         active = 0.0 if self.first_request is None else self.clock() - self.first_request
         return {
@@ -126,7 +122,7 @@ class RunMetrics:
             "fields": self.fields.to_dict(),
             "by_agent": {agent: dict(c) for agent, c in sorted(self.by_agent.items())},
             "failures_by_class": dict(self.failures_by_class),
-            "limit_history": self.limit_history,
+            "limit_history": limit_history or [],
         }
 
     def summary_lines(self) -> list[str]:

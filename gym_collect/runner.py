@@ -234,9 +234,7 @@ class Runner:
         self._set_limit(self.adaptive.on_overload(now) if overload else self.adaptive.on_error(now))
 
     def _set_limit(self, limit: int) -> None:
-        if limit != self.gate.limit:
-            self.gate.limit = limit
-            self.metrics.record_limit(limit)
+        self.gate.limit = limit
 
     def _pause(self, agent: str, seconds: float) -> None:
         until = self.clock() + seconds
