@@ -170,6 +170,12 @@ class CollectConfig:
         for name, url in (("agent_url", self.agent_url), ("head_server_url", self.head_server_url),
                           *((f"agents.{agent}", u) for agent, u in self.agents.items())):
             check_url(name, url)
+        urls_with_credentials = [u for u in (self.agent_url, *self.agents.values()) if u and "@" in u]
+        if urls_with_credentials and any(k.lower() == "authorization" for k in self.headers):
+            raise ConfigError(
+                "credentials are given twice: in headers.Authorization and in a server URL (user:password@); "
+                "keep only one"
+            )
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other: pass only one")
 

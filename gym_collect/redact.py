@@ -7,6 +7,7 @@ URL shown to a person goes through `display_url`.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable
 from urllib.parse import quote
@@ -39,7 +40,7 @@ class Redactor:
 
 
 def url_secrets(urls: Iterable[str | None]) -> list[str]:
-    """The passwords (and user names) in the userinfo of `urls`."""
+    """The passwords in the userinfo of `urls`, as given and as the Basic credentials aiohttp sends for them."""
     found: list[str] = []
     for url in urls:
         if not url:
@@ -49,6 +50,9 @@ def url_secrets(urls: Iterable[str | None]) -> list[str]:
         except (ValueError, TypeError):
             continue
         found.extend(v for v in (parsed.password, parsed.raw_password) if v)
+        if parsed.user is not None or parsed.password is not None:  # sent as HTTP Basic credentials
+            pair = f"{parsed.user or ''}:{parsed.password or ''}".encode()
+            found.append(base64.b64encode(pair).decode())
     return found
 
 
