@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gym_collect.agents import resolve_agents
 from gym_collect.client import AgentClient, socket_budget
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError, InputError
 from gym_collect.gate import ConcurrencyGate
 from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.metrics import Progress, RunMetrics
+from gym_collect.nemo.head import HeadDocument, fetch_head_document
+from gym_collect.nemo.keys import notices
+from gym_collect.nemo.routing import UNNAMED_AGENT, Route, RowRouter, needs_head, resolve_routes, warn_overrides
+from gym_collect.nemo.rows import PromptConfig, RequestBuilder
 from gym_collect.reader import (
-    UNNAMED_AGENT,
     JsonlRows,
     RowSelection,
     ScanResult,
@@ -47,6 +50,7 @@ from gym_collect.writer.paths import check_output_folder, check_output_paths
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_STOPPED = 0, 2, 3, 4
+ROUTING_KEYS = ("agent_map", "fan_out", "environment_server_name", "prompt_config", "num_repeats_add_seed")
 REORDER_WINDOW_PER_SLOT = 32
 MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
 
@@ -124,12 +128,14 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
     paths = OutputPaths(output_path)
     check_input_file(input_path)
     selection = plan_selection(cfg, input_path)
-    default_agent = cfg.agent_name or (UNNAMED_AGENT if cfg.agent_url else None)
+    builder = _request_builder(cfg)
+    for line in notices(cfg):
+        log.warning("%s", line)
     if cfg.dry_run:
-        return await _dry_run(cfg, paths, input_path, selection, default_agent, shutdown)
+        return await _dry_run(cfg, paths, input_path, selection, builder, shutdown)
 
     with RunOutputs(paths, reads=[input_path]) as outputs:
-        found = await _scan(input_path, selection, default_agent, cfg, shutdown)
+        found = await _scan(input_path, selection, builder, cfg, shutdown)
         snapshot = found.snapshot
         assert snapshot is not None
         start = selection.start_idx
@@ -141,14 +147,16 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             "num_repeats": cfg.num_repeats,
             "responses_create_params": cfg.responses_create_params,
             "agent_name": cfg.agent_name,
+            **{key: value for key in ROUTING_KEYS if (value := getattr(cfg, key))},
         }
-        done = DoneSet(start, found.num_rows, cfg.num_repeats)
-        metrics = RunMetrics(done.expected)
 
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_client(cfg))
-            urls = await _agent_urls(cfg, stack, client, found)
-            for url in sorted(set(urls.values())):
+            routes, _ = await _routes(cfg, stack, client, builder, found)
+            expected, per_row = _expected(cfg, builder, found)
+            done = DoneSet(start, found.num_rows, per_row)
+            metrics = RunMetrics(expected)
+            for url in sorted({route.url for route in routes.values()}):
                 await client.probe(url)
             if cfg.resume and outputs.existing():
                 check_resumable(outputs.recorded_definition(), definition, paths.manifest)
@@ -164,15 +172,17 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
                             paths.output, prior.duplicates)
             metrics.skipped_resume = done.count
+            urls = {agent: route.url for agent, route in routes.items()}
             gate, adaptive = _make_gate(cfg, urls, client)
             writer = outputs.open_writer(done, ordered=cfg.output_order == "input",
                                          window=cfg.reorder_window or _reorder_window(cfg, gate))
-            requests = iter_requests(rows, cfg.num_repeats, default_agent, cfg.responses_create_params, done.is_done)
-            log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
-                     done.expected - done.count, found.num_rows, cfg.num_repeats, done.count, input_path, output_path)
-            with Progress(done.expected, done.count, cfg.progress) as progress:
+            requests = iter_requests(rows, builder, done.is_done, _bad_row_rollouts(cfg))
+            log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
+                     expected - done.count, found.num_rows, done.count, input_path, output_path)
+            with Progress(expected, done.count, cfg.progress) as progress:
                 runner = Runner(
-                    client=client, agent_urls=urls, writer=writer, metrics=metrics, progress=progress,
+                    client=client, agent_urls=urls, result_fields={a: r.stamps for a, r in routes.items()},
+                    writer=writer, metrics=metrics, progress=progress,
                     policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
                     gate=gate, adaptive=adaptive,
                     budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
@@ -188,22 +198,73 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
         in_output = prior.rollouts + writer.written
         document = metrics.snapshot(_limit_history(adaptive, metrics.started))
         document["rollouts"]["in_output"] = in_output
-        document["rollouts"]["missing"] = done.expected - in_output
+        document["rollouts"]["missing"] = expected - in_output
         document["input_changed"] = change
         outputs.write_metrics(document)
     for line in metrics.summary_lines():
         log.info("%s", line)
     log.info("Wrote %s and %s", paths.output, paths.metrics)
-    code = _exit_code(metrics, in_output == done.expected, change)
-    _explain(code, paths, input_path, done.expected - in_output, metrics, change)
+    code = _exit_code(metrics, in_output == expected, change)
+    _explain(code, paths, input_path, expected - in_output, metrics, change)
     return RunResult(code, document, output_path)
 
 
+def _request_builder(cfg: CollectConfig) -> RequestBuilder:
+    router = RowRouter(agent_map=cfg.agent_map, fan_out=cfg.fan_out,
+                       unnamed_agent=UNNAMED_AGENT if cfg.agent_url and not cfg.agent_name else None,
+                       environment_server=cfg.environment_server_name)
+    prompt = PromptConfig.load(cfg.prompt_config) if cfg.prompt_config else None
+    return RequestBuilder(router, cfg.repeats_for, cfg.responses_create_params, add_seed=cfg.num_repeats_add_seed,
+                          prompt=prompt)
+
+
+def _bad_row_rollouts(cfg: CollectConfig) -> int:
+    return cfg.repeats_for(None) or 1
+
+
+def _expected(cfg: CollectConfig, builder: RequestBuilder, found: ScanResult) -> tuple[int, int]:
+    """(rollouts the selection gets, the most any row gets)."""
+    per_key = {key: builder.rollouts(key) for key in found.route_keys}
+    bad = _bad_row_rollouts(cfg) if found.bad_rows else 0
+    total = sum(count * per_key[key] for key, count in found.route_keys.items()) + found.bad_rows * bad
+    return total, max([bad, *per_key.values()], default=1) or 1
+
+
+async def _routes(cfg: CollectConfig, stack: AsyncExitStack, client: AgentClient, builder: RequestBuilder,
+                  found: ScanResult) -> tuple[dict[str, Route], Counter[str]]:
+    """Resolve routing once: `task_source`s, then a `Route` for every agent; and the rollouts per agent."""
+    router, keys = builder.router, list(found.route_keys)
+    direct = dict(cfg.agents)
+    sim_url = await _start_sim_agent(stack, cfg, found) if cfg.sim.enabled else None
+    head: HeadDocument | None = None
+    named = {t for k in keys for t in k.targets if t}
+    head_url = sim_url or cfg.head_server_url
+    assert head_url is not None
+    if sim_url is None and needs_head(named, keys, agent_url=cfg.agent_url, direct=direct,
+                                      environment_server=cfg.environment_server_name):
+        head = await fetch_head_document(client, head_url, cfg.connect_timeout_s)
+    elif sim_url is not None and any("" in k.targets for k in keys):
+        head = await fetch_head_document(client, sim_url, cfg.connect_timeout_s)
+    router.resolve(keys, head)
+    warn_overrides(keys)
+    by_agent: Counter[str] = Counter()
+    for key, count in found.route_keys.items():
+        for agent in router.targets(key):
+            by_agent[agent] += count * (cfg.repeats_for(agent, key.basis) or 0)
+    if sim_url is not None:
+        return {agent: Route(sim_url) for agent in by_agent}, by_agent
+    routes = resolve_routes(by_agent, agent_name=cfg.agent_name, agent_url=cfg.agent_url, direct=direct, head=head,
+                            environment_server=cfg.environment_server_name)
+    if head is not None:
+        log.info("Routed %d agent(s) through the head server at %s", len(routes), head.source)
+    return routes, by_agent
+
+
 async def _scan(
-    input_path: Path, selection: RowSelection, default_agent: str | None, cfg: CollectConfig, shutdown: Shutdown
+    input_path: Path, selection: RowSelection, builder: RequestBuilder, cfg: CollectConfig, shutdown: Shutdown
 ) -> ScanResult:
     """The check pass, in a worker thread so that signals are answered while it reads a large file."""
-    found = await asyncio.to_thread(scan, JsonlRows(input_path, selection), default_agent, cfg.on_bad_row,
+    found = await asyncio.to_thread(scan, JsonlRows(input_path, selection), builder, cfg.on_bad_row,
                                     shutdown.check)
     if found.bad_rows:
         log.warning("%d bad input rows will be recorded as failures (on_bad_row=skip)", found.bad_rows)
@@ -240,58 +301,49 @@ def _client(cfg: CollectConfig) -> AgentClient:
     )
 
 
-async def _agent_urls(cfg: CollectConfig, stack: AsyncExitStack, client: AgentClient,
-                      found: ScanResult) -> dict[str, str]:
-    if cfg.sim.enabled:
-        return await _start_sim_agent(stack, cfg, found.agent_names)
-    return await resolve_agents(
-        found.agent_names, client=client, agent_name=cfg.agent_name, agent_url=cfg.agent_url,
-        agents=cfg.agents, head_server_url=cfg.head_server_url, deadline_s=cfg.connect_timeout_s,
-    )
-
-
-async def _start_sim_agent(stack: AsyncExitStack, cfg: CollectConfig, names: set[str]) -> dict[str, str]:
+async def _start_sim_agent(stack: AsyncExitStack, cfg: CollectConfig, found: ScanResult) -> str:
     from gym_collect.sim_agent import SimAgent, SimAgentConfig
 
+    names = {t for key in found.route_keys for t in key.targets if t} | {s for k in found.route_keys
+                                                                         if k.task_source for s in [k.task_source]}
     sim_config = SimAgentConfig(capacity=cfg.sim.capacity, service_time_s=cfg.sim.service_time_s,
                                 service_sigma=cfg.sim.service_sigma, mode=cfg.sim.mode)
     sim = await stack.enter_async_context(SimAgent(sim_config, agent_names=sorted(names)))
     log.info("Started the simulated agent at %s (capacity %d, %.3f s service time) for %s", sim.url,
              cfg.sim.capacity, cfg.sim.service_time_s, ", ".join(sorted(names)))
-    return {name: sim.url for name in names}
+    return sim.url
 
 
 async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, selection: RowSelection,
-                   default_agent: str | None, shutdown: Shutdown) -> RunResult:
+                   builder: RequestBuilder, shutdown: Shutdown) -> RunResult:
     """Check everything a run would check and print the plan; send no request, write no file."""
     check_output_paths(paths, [input_path])
     check_output_folder(paths)
-    found = await _scan(input_path, selection, default_agent, cfg, shutdown)
+    found = await _scan(input_path, selection, builder, cfg, shutdown)
     assert found.snapshot is not None
-    done = DoneSet(selection.start_idx, found.num_rows, cfg.num_repeats)
-    lines = [
-        "Dry run: nothing is sent and nothing is written.",
-        f"Input {input_path}: rows [{selection.start_idx}, {selection.start_idx + found.num_rows}) of "
-        f"{found.snapshot.total_rows}, {cfg.num_repeats} repeats: {done.expected} rollouts"
-        + (f" ({found.bad_rows} bad rows become failures)" if found.bad_rows else ""),
-    ]
     async with AsyncExitStack() as stack:
         client = await stack.enter_async_context(_client(cfg))
-        if cfg.sim.enabled:
-            urls = {name: "(the simulated agent, started in-process)" for name in found.agent_names}
-        else:
-            urls = await _agent_urls(cfg, stack, client, found)
-        for name, count in sorted(found.agent_rows.items()):
-            url = urls[name]
+        routes, by_agent = await _routes(cfg, stack, client, builder, found)
+        expected, per_row = _expected(cfg, builder, found)
+        lines = [
+            "Dry run: nothing is sent and nothing is written.",
+            f"Input {input_path}: rows [{selection.start_idx}, {selection.start_idx + found.num_rows}) of "
+            f"{found.snapshot.total_rows}: {expected} rollouts"
+            + (f" ({found.bad_rows} bad rows become failures)" if found.bad_rows else ""),
+        ]
+        for name, count in sorted(by_agent.items()):
+            route = routes[name]
+            reach = "the simulated agent"
             if not cfg.sim.enabled:
                 try:
-                    await client.probe(url, attempts=1)
+                    await client.probe(route.url, attempts=1)
                     reach = "reachable"
                 except GymCollectError:
                     reach = "NOT reachable"
-                url = f"{display_url(url)}/run ({reach})"
+            via = f" via environment server {route.environment_server}" if route.environment_server else ""
             label = "rows without agent_ref" if name == UNNAMED_AGENT else f"agent {name}"
-            lines.append(f"  {label}: {count * cfg.num_repeats} rollouts -> POST {url}")
+            lines.append(f"  {label}: {count} rollouts -> POST {display_url(route.url)}/run{via} ({reach})")
+    done = DoneSet(selection.start_idx, found.num_rows, per_row)
     existing = [p for p in (paths.output, paths.failures) if p.exists() and p.stat().st_size > 0]
     lines.append(f"Output {paths.output} (side files {paths.output.stem}_*.json[l] beside it)")
     if existing and cfg.resume:
@@ -300,7 +352,7 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
         except GymCollectError as exc:
             marked, lines = 0, [*lines, f"Resume would fail: {exc}"]
         lines.append(f"Resume: {marked} rollouts already written would be skipped, "
-                     f"{done.expected - marked} would be collected")
+                     f"{expected - marked} would be collected")
     elif existing and not cfg.overwrite:
         lines.append(f"{existing[0]} exists and is not empty: the run would be refused without resume=true "
                      "or overwrite=true")

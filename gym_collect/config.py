@@ -13,7 +13,10 @@ from typing import Any
 from yarl import URL
 
 from gym_collect.errors import ConfigError
+from gym_collect.nemo.keys import NemoGymOnlyKeys
 from gym_collect.redact import display_url
+
+UNLIMITED_CONNECTIONS = 1 << 20  # capped by the open-file limit at start
 
 
 @dataclass
@@ -75,7 +78,15 @@ class SimSettings:
 
 
 @dataclass
-class CollectConfig:
+class HeadServerConfig:
+    """NeMo Gym's `head_server.host` / `head_server.port`: where its head server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 11000
+
+
+@dataclass
+class CollectConfig(NemoGymOnlyKeys):
     """Everything `collect_rollouts` can be told; see the README's config table for each key's meaning.
 
     Units are in the names (`_s` seconds). `None` means unset/disabled. Raises `ConfigError` on a value
@@ -86,17 +97,26 @@ class CollectConfig:
     output_jsonl_fpath: str | None = None
 
     agent_name: str | None = None
+    agent_map: dict[str, str] | None = None
+    fan_out: dict[str, list[str]] | None = None
     agent_url: str | None = None
     agents: dict[str, str] = field(default_factory=dict)
-    head_server_url: str = "http://127.0.0.1:11000"
+    head_server: HeadServerConfig = field(default_factory=HeadServerConfig)
+    head_server_url: str | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    environment_routing_mode: str = "agent"
+    environment_server_name: str | None = None
+    environment_server_routes: dict[str, str] = field(default_factory=dict)
 
     start_idx: int = 0
     end_idx: int | None = None
     limit: int | None = None
     num_shards: int | None = None
     shard_id: int | None = None
-    num_repeats: int = 1
+    num_repeats: Any = 1
+    num_repeats_add_seed: bool = False
+    interleave_repeats: bool = False
+    prompt_config: str | None = None
     responses_create_params: dict[str, Any] = field(default_factory=dict)
 
     num_samples_in_parallel: Any = None
@@ -112,6 +132,9 @@ class CollectConfig:
     max_failures: int | None = None
     max_failure_rate: float | None = None
     min_rollouts_for_failure_rate: int = 50
+
+    route_failures_to_sidecar: bool | None = None
+    require_complete: bool = False
 
     resume: bool = False
     resume_from_cache: bool = False
@@ -135,12 +158,26 @@ class CollectConfig:
         if self.end_idx is not None and self.end_idx < self.start_idx:
             raise ConfigError(f"end_idx={self.end_idx} is below start_idx={self.start_idx}: use end_idx >= start_idx")
         _require(self.limit is None or self.limit >= 0, "limit", self.limit, "an integer >= 0 (or null)")
-        _require(self.num_repeats >= 1, "num_repeats", self.num_repeats, "an integer >= 1")
+        self.limit = self.limit or None  # NeMo Gym: 0 means no limit
+        self.num_repeats = _parse_num_repeats(self.num_repeats)
+        self._fold_agent_name_into_agent_map()
+        _require(self.environment_routing_mode in ("agent", "legacy", "taskset"), "environment_routing_mode",
+                 self.environment_routing_mode, "'agent', 'legacy' or 'taskset'")
+        if self.environment_routing_mode == "legacy" and not self.environment_server_name:
+            raise ConfigError("environment_routing_mode=legacy needs environment_server_name=NAME (the server every "
+                              "row is sent to)")
+        if self.environment_routing_mode != "legacy" and self.environment_server_name:
+            self.environment_routing_mode = "legacy"  # NeMo Gym: naming the server selects it for every row
+        if self.head_server_url is None:
+            self.head_server_url = f"http://{self.head_server.host}:{self.head_server.port}"
+        if self.route_failures_to_sidecar is False and self.max_failures is None:
+            self.max_failures = 1  # NeMo Gym: without the sidecar, one rollout failed for good ends the run
         self.num_samples_in_parallel = _parse_parallelism(self.num_samples_in_parallel)
-        _require(self.global_aiohttp_connector_limit >= 1, "global_aiohttp_connector_limit",
-                 self.global_aiohttp_connector_limit, "an integer >= 1")
-        _require(self.global_aiohttp_connector_limit_per_host >= 1, "global_aiohttp_connector_limit_per_host",
-                 self.global_aiohttp_connector_limit_per_host, "an integer >= 1")
+        for name in ("global_aiohttp_connector_limit", "global_aiohttp_connector_limit_per_host"):
+            value = getattr(self, name)
+            _require(value >= 0, name, value, "an integer >= 0 (0: as many as the open-file limit allows)")
+            if value == 0:
+                setattr(self, name, UNLIMITED_CONNECTIONS)
         for name in ("connect_timeout_s", "request_timeout_s"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "seconds > 0 (or null to disable)")
@@ -179,6 +216,28 @@ class CollectConfig:
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other: pass only one")
 
+    def _fold_agent_name_into_agent_map(self) -> None:
+        """NeMo Gym 0.7: `agent_name` is `agent_map._default` (it re-routes every row); both set must agree."""
+        if self.agent_name is None:
+            return
+        default = (self.agent_map or {}).get("_default")
+        if default is not None and default != self.agent_name:
+            raise ConfigError(f"agent_name={self.agent_name!r} conflicts with agent_map._default={default!r}: "
+                              "set only one of them")
+        self.agent_map = {**(self.agent_map or {}), "_default": self.agent_name}
+
+    def repeats_for(self, *keys: str | None) -> int | None:
+        """`num_repeats` for a row routed by `keys` (the dispatched agent first, then the row's own routing
+        key), as NeMo Gym 0.7 picks it: an int applies to all; a map takes the first key it has, else its
+        `_default`; None when it has neither."""
+        if isinstance(self.num_repeats, int):
+            return self.num_repeats
+        for key in keys:
+            if key is not None and key in self.num_repeats:
+                return int(self.num_repeats[key])
+        default = self.num_repeats.get("_default")
+        return None if default is None else int(default)
+
     def require_paths(self) -> tuple[Path, Path]:
         """The input and output paths; raises `ConfigError` naming whichever is missing."""
         for name in ("input_jsonl_fpath", "output_jsonl_fpath"):
@@ -212,7 +271,7 @@ def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
 
 def open_keys(schema: type = CollectConfig) -> list[str]:
     """Keys whose values are free-form mappings: any sub-key is valid (`headers.Authorization`)."""
-    return [f.name for f in fields(schema) if str(f.type).startswith("dict")]
+    return [f.name for f in fields(schema) if str(f.type).startswith(("dict", "Any"))]
 
 
 def _parse_parallelism(value: Any) -> int | str | None:
@@ -250,6 +309,22 @@ def check_url(name: str, url: str | None) -> None:
             f"{name}={display_url(str(url))!r} is not a server address ({problem}): use http://HOST:PORT, "
             "e.g. http://127.0.0.1:8000"
         )
+
+
+def _parse_num_repeats(value: Any) -> int | dict[str, int]:
+    """`num_repeats`: null -> 1, an int >= 1, or a map of agent (or routing key) -> int >= 1 with an optional
+    `_default` (NeMo Gym 0.7, `rollout_collection.py:1447-1515`)."""
+    if value is None:
+        return 1
+    if isinstance(value, dict):
+        bad = {k: v for k, v in value.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        if bad or not value:
+            raise ConfigError(f"num_repeats map values must be integers >= 1, got {bad or value}")
+        return {str(k): int(v) for k, v in value.items()}
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"num_repeats={value!r} is invalid: use an integer >= 1, or a map such as "
+                          "num_repeats.my_agent=4 num_repeats._default=1")
+    return value
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:

@@ -12,19 +12,17 @@ import os
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import orjson
 
-from gym_collect.errors import ConfigError, InputError
+from gym_collect.errors import InputError
+from gym_collect.nemo.routing import UNNAMED_AGENT, RouteKey
+from gym_collect.nemo.rows import RequestBuilder
 
 BOM = b"\xef\xbb\xbf"
-TASK_INDEX_KEY = "_ng_task_index"
-ROLLOUT_INDEX_KEY = "_ng_rollout_index"
-AGENT_REF_KEY = "agent_ref"
-RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
-UNNAMED_AGENT = "(agent_url)"  # routing key of rows without `agent_ref` when only `agent_url` is given
 DIGEST_SIZE = 16
 STAT_EVERY_ROWS = 1024
 
@@ -212,28 +210,23 @@ class ScanResult:
     """What the pre-flight pass over the selection found."""
 
     num_rows: int
-    agent_rows: Counter[str]
+    route_keys: Counter[RouteKey]
     bad_rows: int
     snapshot: InputSnapshot | None = None
-
-    @property
-    def agent_names(self) -> set[str]:
-        """The agents the selected rows go to."""
-        return set(self.agent_rows)
 
 
 def scan(
     rows: JsonlRows,
-    default_agent: str | None,
+    builder: RequestBuilder,
     on_bad_row: str,
     checkpoint: Callable[[], None] | None = None,
 ) -> ScanResult:
     """Check every selected row before any request is sent, and fingerprint the whole file in the same pass.
 
-    Returns the row count, the agent names the rows need, and the `InputSnapshot` that fixes the selection.
-    `checkpoint` is called every `STAT_EVERY_ROWS` rows (it may raise to abandon the scan). Raises
-    `InputError` at the first bad row when `on_bad_row == "fail"` or when the file changes while it is
-    read, and `ConfigError` when a row has no `agent_ref` and `agent_name` is unset.
+    Returns the row count, the rows per `RouteKey` (routing before `task_source` resolution), and the
+    `InputSnapshot` that fixes the selection. `checkpoint` is called every `STAT_EVERY_ROWS` rows (it may
+    raise to abandon the scan). Raises `InputError` at the first bad row when `on_bad_row == "fail"` or when
+    the file changes while it is read, and `ConfigError` when a row cannot be routed.
     """
     before = _stat_input(rows.path)
     reader = JsonlRows(rows.path, rows.selection, read_to_end=True)
@@ -250,7 +243,7 @@ def scan(
                 )
             result.bad_rows += 1
             continue
-        result.agent_rows[agent_name_of(row.data, default_agent, reader.location(row))] += 1
+        result.route_keys[builder.check(row.data, reader.location(row))] += 1
     after = _stat_input(rows.path)
     totals = reader.totals
     assert totals is not None
@@ -263,62 +256,28 @@ def scan(
     return result
 
 
-def agent_name_of(data: dict[str, Any], default_agent: str | None, where: str) -> str:
-    """The agent a row goes to: its own `agent_ref.name`, else `default_agent`.
-
-    Raises `ConfigError` when there is neither.
-    """
-    ref = data.get(AGENT_REF_KEY)
-    if isinstance(ref, dict) and isinstance(ref.get("name"), str):
-        return ref["name"]  # type: ignore[no-any-return]
-    if default_agent is None:
-        raise ConfigError(
-            f"{where}: the row has no agent_ref.name, and neither agent_name nor agent_url is set: pass "
-            "agent_name=NAME (an agent the head server knows) or agent_url=URL"
-        )
-    return default_agent
-
-
 def iter_requests(
     rows: JsonlRows,
-    num_repeats: int,
-    default_agent: str | None,
-    responses_create_params: dict[str, Any],
+    builder: RequestBuilder,
     is_done: Callable[[int, int], bool],
+    bad_row_rollouts: int = 1,
 ) -> Iterator[RolloutRequest]:
     """Rollout requests in input order (aabbcc), skipping (task, rollout) pairs for which `is_done` is true.
 
-    Each body is the row with `responses_create_params` shallow-merged with the overrides, `agent_ref` the
-    row's own or `{"name": default_agent}`, and `_ng_task_index`/`_ng_rollout_index` set; serialized
-    with orjson.
+    Bodies come from `builder` (NeMo Gym's materialization); a bad row (`on_bad_row=skip`) gives
+    `bad_row_rollouts` requests with `error` set, recorded as failures and never sent.
     """
     seq = 0
     for row in rows:
-        todo = [r for r in range(num_repeats) if not is_done(row.task_index, r)]
-        if not todo:
-            continue
+        task = row.task_index
         if row.data is None:
-            ref = None if default_agent in (None, UNNAMED_AGENT) else {"name": default_agent}
-            for r in todo:
-                yield RolloutRequest(seq, row.task_index, r, ref, b"", f"{rows.location(row)}: {row.error}")
-                seq += 1
+            for r in range(bad_row_rollouts):
+                if not is_done(task, r):
+                    yield RolloutRequest(seq, task, r, None, b"", f"{rows.location(row)}: {row.error}")
+                    seq += 1
             continue
-        data = row.data
-        agent = agent_name_of(data, default_agent, rows.location(row))
-        own = data.get(AGENT_REF_KEY)
-        if agent == UNNAMED_AGENT:
-            ref = None
-        else:
-            if not (isinstance(own, dict) and own.get("name") == agent):
-                data[AGENT_REF_KEY] = {**(own if isinstance(own, dict) else {}), "name": agent}
-            ref = data[AGENT_REF_KEY]
-        if responses_create_params:
-            own = data.get(RESPONSES_CREATE_PARAMS_KEY)
-            data[RESPONSES_CREATE_PARAMS_KEY] = {**(own if isinstance(own, dict) else {}), **responses_create_params}
-        data[TASK_INDEX_KEY] = row.task_index
-        for r in todo:
-            data[ROLLOUT_INDEX_KEY] = r
-            yield RolloutRequest(seq, row.task_index, r, ref, orjson.dumps(data))
+        for r, _agent, ref, body in builder.build(row.data, task, rows.location(row), partial(is_done, task)):
+            yield RolloutRequest(seq, task, r, ref, body)
             seq += 1
 
 

@@ -28,7 +28,9 @@ from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRoll
 from gym_collect.gate import ConcurrencyGate
 from gym_collect.limiter import AdaptiveLimit
 from gym_collect.metrics import Progress, RunMetrics
-from gym_collect.reader import AGENT_REF_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, RolloutRequest
+from gym_collect.nemo.routing import AGENT_REF_KEY
+from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
+from gym_collect.reader import RolloutRequest
 from gym_collect.retry import RetryPolicy
 from gym_collect.writer import RolloutWriter, rollout_line
 
@@ -64,6 +66,8 @@ class Runner:
     Args:
         client: the open `AgentClient`.
         agent_urls: agent name -> base URL.
+        result_fields: agent name -> fields set on each of its results and failure records (the
+            environment server stamps).
         gate: the in-flight limit (fixed, unset, or driven by `adaptive`).
         adaptive: the adaptive limit for `num_samples_in_parallel=auto`, else None.
         run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
@@ -74,6 +78,7 @@ class Runner:
         *,
         client: AgentClient,
         agent_urls: dict[str, str],
+        result_fields: dict[str, dict[str, Any]] | None = None,
         writer: RolloutWriter,
         metrics: RunMetrics,
         progress: Progress,
@@ -87,6 +92,7 @@ class Runner:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client, self.agent_urls, self.writer = client, agent_urls, writer
+        self.result_fields = result_fields or {}
         self.metrics, self.progress, self.policy = metrics, progress, policy
         self.gate, self.adaptive, self.budget = gate, adaptive, budget
         self.write_status, self.run_key = write_status, run_key
@@ -203,6 +209,7 @@ class Runner:
         answer[ROLLOUT_INDEX_KEY] = request.rollout_index
         if request.agent_ref is not None:
             answer[AGENT_REF_KEY] = request.agent_ref
+        answer.update(self.result_fields.get(request.agent_name, ()))
         self.writer.finish(request, rollout_line(answer))
         self.metrics.add_success(request.agent_name, latency_s, answer)
 
@@ -219,6 +226,7 @@ class Runner:
             "elapsed_s": round(elapsed_s, 3),
             "permanent": permanent,
             "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            **self.result_fields.get(request.agent_name, {}),
         }
         if answer is not None:
             record["answer"] = answer

@@ -171,7 +171,10 @@ class SimAgent:
 
     ``url`` and ``port`` are valid once entered (entering raises ``OSError`` if the port cannot be bound);
     ``config`` may be changed or replaced between phases; ``stats`` counts traffic. ``agent_names`` are
-    advertised by the head server document (route absent, so 404, when ``head_server`` is False).
+    advertised by the head server document (route absent, so 404, when ``head_server`` is False), shaped as
+    NeMo Gym 0.7 shapes it (each agent fronted by a ``legacy_agent`` environment server and bound to a
+    resources server ``<agent>_resources``; every server's address is this one) or, with
+    ``head_shape="0.5"``, as older head servers do (agents only).
     """
 
     def __init__(
@@ -187,6 +190,7 @@ class SimAgent:
         self.host = host
         self.port = port
         self.agent_names = tuple(agent_names)
+        self.head_shape = "0.7"
         self._head_server = head_server
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -346,10 +350,17 @@ class SimAgent:
 
     async def _handle_head(self, request: web.Request) -> web.Response:
         server = {"host": "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host, "port": self.port}
-        doc: dict[str, Any] = {
-            name: {"responses_api_agents": {"simple_agent": {**server, "entrypoint": "app.py"}}}
-            for name in self.agent_names
-        }
+        doc: dict[str, Any] = {}
+        for name in self.agent_names:
+            agent = {**server, "entrypoint": "app.py"}
+            if self.head_shape != "0.5":
+                resources = f"{name}_resources"
+                doc[resources] = {"resources_servers": {"sim_resources": {**server, "entrypoint": "app.py"}}}
+                agent["resources_server"] = {"type": "resources_servers", "name": resources}
+                relay = {**server, "entrypoint": "app.py",
+                         "agent_server": {"type": "responses_api_agents", "name": name}}
+                doc[f"{name}_environment_server"] = {"environment_servers": {"legacy_agent": relay}}
+            doc[name] = {"responses_api_agents": {"simple_agent": agent}}
         model = {**server, "entrypoint": "app.py", "openai_api_key": SIM_HEAD_SECRET}
         doc["policy_model"] = {"responses_api_models": {"openai_model": model}}
         text = yaml.safe_dump(doc, sort_keys=False)

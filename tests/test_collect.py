@@ -77,18 +77,22 @@ async def test_responses_create_params_are_merged_into_each_row(tmp_path: Path, 
     assert written["responses_create_params"]["temperature"] == 0.25
 
 
-async def test_rows_go_to_their_own_agent(tmp_path: Path) -> None:
+async def test_rows_go_to_their_own_agent_unless_agent_name_reroutes_them(tmp_path: Path) -> None:
     rows = [*make_rows(3), *make_rows(3, agent_ref={"type": "responses_api_agents", "name": "other"})]
     inp = write_rows(tmp_path / "in.jsonl", rows)
     async with SimAgent(agent_names=("sim_agent",)) as first, SimAgent(agent_names=("other",)) as second:
         first.config.service_time_s = second.config.service_time_s = 0.0
-        cfg = config(inp, tmp_path / "out.jsonl", first.url, agents={"other": second.url})
+        cfg = config(inp, tmp_path / "out.jsonl", first.url, agent_name=None, agents={"other": second.url})
         assert (await collect(cfg)).exit_code == 0
-    assert sorted(k[0] for k in first.stats.succeeded) == [0, 1, 2]
-    assert sorted(k[0] for k in second.stats.succeeded) == [3, 4, 5]
-    written = {r["_ng_task_index"]: r["agent_ref"] for r in read_jsonl(tmp_path / "out.jsonl")}
-    assert written[0] == {"name": "sim_agent"}
-    assert written[4] == {"type": "responses_api_agents", "name": "other"}
+        assert sorted(k[0] for k in first.stats.succeeded) == [0, 1, 2]
+        assert sorted(k[0] for k in second.stats.succeeded) == [3, 4, 5]
+        written = {r["_ng_task_index"]: r.get("agent_ref") for r in read_jsonl(tmp_path / "out.jsonl")}
+        assert written[0] is None  # sent as it is to agent_url
+        assert written[4] == {"type": "responses_api_agents", "name": "other"}
+        # NeMo Gym 0.7: agent_name is agent_map._default and re-routes every row, own agent_ref or not
+        cfg = config(inp, tmp_path / "all.jsonl", first.url, agents={"other": second.url})
+        assert (await collect(cfg)).exit_code == 0
+    assert {r["agent_ref"]["name"] for r in read_jsonl(tmp_path / "all.jsonl")} == {"sim_agent"}
 
 
 async def test_agents_resolved_through_the_head_server(tmp_path: Path) -> None:
@@ -128,6 +132,8 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     from gym_collect.client import AgentClient
     from gym_collect.gate import ConcurrencyGate
     from gym_collect.metrics import Progress, RunMetrics
+    from gym_collect.nemo.routing import RowRouter
+    from gym_collect.nemo.rows import RequestBuilder
     from gym_collect.reader import JsonlRows, RowSelection, iter_requests
     from gym_collect.retry import RetryPolicy
     from gym_collect.runner import FailureBudget, Runner
@@ -160,7 +166,9 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
                             policy=RetryPolicy(), gate=gate, adaptive=None, budget=FailureBudget(),
                             write_status=lambda doc: write_json_atomic(paths.status, doc), run_key="k",
                             status_every_s=1.0)
-            await runner.run(iter_requests(JsonlRows(inp, RowSelection()), 1, "sim_agent", {}, lambda t, r: False))
+            builder = RequestBuilder(RowRouter(agent_map=None, fan_out=None, unnamed_agent="sim_agent"),
+                                     lambda *keys: 1, {})
+            await runner.run(iter_requests(JsonlRows(inp, RowSelection()), builder, lambda t, r: False))
     assert sim.stats.max_in_flight <= 3
     assert sim.stats.requests > 100
     assert sorted(pairs(read_jsonl(paths.output))) == [(i, 0) for i in range(300)]

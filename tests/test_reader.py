@@ -12,14 +12,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, InputError
+from gym_collect.nemo.routing import RowRouter
+from gym_collect.nemo.rows import RequestBuilder
 from gym_collect.reader import JsonlRows, RowSelection, count_rows, iter_requests, scan, shard_range
 from tests.conftest import make_rows, write_rows
+
+
+def builder(agent: str | None = "a", repeats: int = 1, rcp: dict | None = None) -> RequestBuilder:
+    """Rows without `agent_ref` go to `agent`; rows with one keep theirs."""
+    return RequestBuilder(RowRouter(agent_map=None, fan_out=None, unnamed_agent=agent),
+                          lambda *keys: repeats, rcp or {})
 
 
 def requests(path: Path, selection: RowSelection | None = None, repeats: int = 1, agent: str | None = "a",
              rcp: dict | None = None, done=lambda t, r: False) -> list:
     rows = JsonlRows(path, selection or RowSelection())
-    return list(iter_requests(rows, repeats, agent, rcp or {}, done))
+    return list(iter_requests(rows, builder(agent, repeats, rcp), done))
 
 
 def test_row_index_counts_non_blank_lines_only(tmp_path: Path) -> None:
@@ -77,8 +85,8 @@ def test_bad_line_is_reported_with_file_and_line(tmp_path: Path, line: bytes, re
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"ok": 1}\n\n' + line + b"\n")
     with pytest.raises(InputError, match=rf"in\.jsonl:3: {re.escape(reason)}.*on_bad_row=skip"):
-        scan(JsonlRows(path, RowSelection()), "a", "fail")
-    found = scan(JsonlRows(path, RowSelection()), "a", "skip")
+        scan(JsonlRows(path, RowSelection()), builder(), "fail")
+    found = scan(JsonlRows(path, RowSelection()), builder(), "skip")
     assert (found.num_rows, found.bad_rows) == (2, 1)
     bad = requests(path)[1]
     assert bad.error is not None and bad.error.startswith(f"{path}:3: ") and bad.body == b""
@@ -87,15 +95,15 @@ def test_bad_line_is_reported_with_file_and_line(tmp_path: Path, line: bytes, re
 def test_bad_line_outside_selection_is_not_checked(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'{"ok": 1}\nnot json\n')
-    assert scan(JsonlRows(path, RowSelection(end_idx=1)), "a", "fail").num_rows == 1
+    assert scan(JsonlRows(path, RowSelection(end_idx=1)), builder(), "fail").num_rows == 1
 
 
 def test_missing_input_and_missing_agent(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="input file not found"):
-        scan(JsonlRows(tmp_path / "nope.jsonl", RowSelection()), "a", "fail")
+        scan(JsonlRows(tmp_path / "nope.jsonl", RowSelection()), builder(), "fail")
     path = write_rows(tmp_path / "in.jsonl", make_rows(1))
-    with pytest.raises(ConfigError, match=r"in\.jsonl:1: the row has no agent_ref.name"):
-        scan(JsonlRows(path, RowSelection()), None, "fail")
+    with pytest.raises(ConfigError, match=r"in\.jsonl:1: the row has no agent_ref.name and no task_source"):
+        scan(JsonlRows(path, RowSelection()), builder(agent=None), "fail")
 
 
 @settings(max_examples=200, deadline=None)

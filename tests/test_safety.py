@@ -333,15 +333,16 @@ def test_a_signal_while_the_last_rollout_is_in_flight_still_ends_complete(tmp_pa
 # Expected comforts -----------------------------------------------------------------------------------------------
 
 def test_dry_run_sends_nothing_and_writes_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
-    write_rows(tmp_path / "in.jsonl", [*make_rows(4), *make_rows(2, agent_ref={"name": "other"})])
+    write_rows(tmp_path / "in.jsonl", [*make_rows(4, agent_ref={"name": "sim_agent"}),
+                                       *make_rows(2, agent_ref={"name": "other"})])
     with SimAgentThread(agent_names=("sim_agent", "other")) as sim:
         code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=o/out.jsonl",
-                           "agent_name=sim_agent", f"head_server_url={sim.url}", "num_repeats=3", "dry_run=true")
+                           f"head_server_url={sim.url}", "num_repeats=3", "dry_run=true")
         requests = sim.stats.requests
     assert code == EXIT_OK, output
     assert requests == 0
     assert files_under(tmp_path) == ["in.jsonl"]
-    assert "rows [0, 6) of 6, 3 repeats: 18 rollouts" in output
+    assert "rows [0, 6) of 6: 18 rollouts" in output
     assert "agent other: 6 rollouts" in output and "agent sim_agent: 12 rollouts" in output
 
 
@@ -420,7 +421,7 @@ def test_a_head_server_entry_without_a_usable_address_is_one_line(tmp_path: Path
         code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
                            "agent_name=my_agent", f"head_server_url={server.url}")
     assert code == EXIT_ERROR
-    assert "gives agent 'my_agent' no usable address" in one_error_line(output)
+    assert "gives 'my_agent' no usable address" in one_error_line(output)
 
 
 def test_a_head_server_that_never_answers_fails_within_the_connect_timeout(tmp_path: Path,

@@ -5,22 +5,13 @@ from __future__ import annotations
 
 class DoneSet:
     """Which (task, rollout) pairs of the selection are finished: one bit each, so 1M rows x 4 repeats
-    take 500 KB. Tasks are `[start_idx, start_idx + num_rows)`, rollouts `[0, num_repeats)`."""
+    take 500 KB. Tasks are `[start_idx, start_idx + num_rows)`, rollouts `[0, num_repeats)` (the most
+    rollouts any row gets)."""
 
     def __init__(self, start_idx: int, num_rows: int, num_repeats: int) -> None:
         self.start_idx, self.num_rows, self.num_repeats = start_idx, num_rows, num_repeats
         self._bits = bytearray((num_rows * num_repeats + 7) // 8)
         self.count = 0
-
-    @property
-    def expected(self) -> int:
-        """How many pairs the selection holds."""
-        return self.num_rows * self.num_repeats
-
-    @property
-    def complete(self) -> bool:
-        """True when every pair of the selection is done."""
-        return self.count == self.expected
 
     def _bit(self, task: int, rollout: int) -> int | None:
         offset = task - self.start_idx

@@ -1,0 +1,8 @@
+"""NeMo Gym's vocabulary in one place: its config keys, the head server's document and routing through
+environment servers, and the stamps on requests and results. The runner and the writer stay
+protocol-agnostic.
+
+    keys.py      0.7's collector keys this tool accepts but does not act on, and their notices
+    head.py      the head server's document: agents, environment servers, addresses, `task_source`
+    routing.py   which agent a row runs on and which server its `POST /run` goes to
+"""

@@ -1,0 +1,150 @@
+"""How an input row becomes `POST /run` bodies, as NeMo Gym 0.7 materializes them
+(`nemo_gym/rollout_collection.py:2091-2200`, `nemo_gym/prompt.py`):
+
+1. `prompt_config` (a YAML `{user, system?}` of `str.format` templates over the row's fields) builds
+   `responses_create_params.input`; a row that already has an input is an error.
+2. The `responses_create_params` overrides are shallow-merged in.
+3. Routing (`gym_collect.nemo.routing`) sets `agent_ref` and the agents the row runs on.
+4. For each agent, `num_repeats` rollouts (a map picks by agent, then by the row's routing key) with
+   `_ng_task_index` and consecutive `_ng_rollout_index`; `num_repeats_add_seed` puts the rollout index as
+   `seed` into `responses_create_params.metadata.extra_body` (a JSON string, as vLLM reads it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from gym_collect.errors import ConfigError, InputError
+from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, RouteKey, RowRouter
+
+TASK_INDEX_KEY = "_ng_task_index"
+ROLLOUT_INDEX_KEY = "_ng_rollout_index"
+RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """A prompt template: `user` (required) and `system` (optional), each a `str.format` template."""
+
+    user: str
+    system: str | None = None
+
+    @classmethod
+    def load(cls, path: str) -> PromptConfig:
+        """Read a prompt YAML file; raises `ConfigError` naming the file."""
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"prompt_config={path}: cannot read it ({exc})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("user"), str) or not isinstance(
+                data.get("system", ""), str):
+            raise ConfigError(f"prompt_config={path}: needs a `user` template (and optionally `system`), as strings")
+        return cls(data["user"], data.get("system"))
+
+    def messages(self, row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
+        """The input messages for `row`; raises `InputError` naming `where` for a field the row lacks."""
+        try:
+            messages = [] if self.system is None else [{"role": "system", "content": self.system.format_map(row)}]
+            messages.append({"role": "user", "content": self.user.format_map(row)})
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InputError(f"{where}: the prompt template needs field {exc} but the row has only "
+                             f"{', '.join(row)}; fix the template or the data") from None
+        return messages
+
+
+class RequestBuilder:
+    """Turns rows into the (rollout index, agent, `agent_ref`, body) of each rollout (module docstring).
+
+    Args:
+        router: the routing of rows to agents (resolved before `build` is called).
+        repeats_for: `num_repeats` for (agent, routing key); None when a map has no entry for either.
+        overrides: the `responses_create_params` overrides.
+        add_seed: `num_repeats_add_seed`.
+        prompt: `prompt_config`, loaded.
+    """
+
+    def __init__(self, router: RowRouter, repeats_for: Callable[[str | None, str | None], int | None],
+                 overrides: Mapping[str, Any], *, add_seed: bool = False, prompt: PromptConfig | None = None) -> None:
+        self.router = router
+        self.repeats_for = repeats_for
+        self.overrides = dict(overrides)
+        self.add_seed = add_seed
+        self.prompt = prompt
+
+    def check(self, row: dict[str, Any], where: str) -> RouteKey:
+        """Check a row before any request (prompt fields, routing); its `RouteKey`. Raises `InputError` or
+        `ConfigError` naming `where`."""
+        if self.prompt is not None:
+            rcp = row.get(RESPONSES_CREATE_PARAMS_KEY)
+            if isinstance(rcp, dict) and rcp.get("input"):
+                raise InputError(f"{where}: the row has responses_create_params.input and prompt_config is set; "
+                                 "they are mutually exclusive: drop one")
+            self.prompt.messages(row, where)
+        return self.router.key(row, where)
+
+    def rollouts(self, key: RouteKey) -> int:
+        """How many rollouts a row with this key gets; raises `ConfigError` when `num_repeats` has no entry."""
+        total = 0
+        for agent in self.router.targets(key):
+            repeats = self.repeats_for(agent, key.basis)
+            if repeats is None:
+                raise ConfigError(f"num_repeats has no entry for {agent!r} (or {key.basis!r}) and no _default: "
+                                  f"add num_repeats.{agent}=N or num_repeats._default=N")
+            total += repeats
+        return total
+
+    def build(self, row: dict[str, Any], task_index: int, where: str, skip: Callable[[int], bool]
+              ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
+        """(rollout index, agent, `agent_ref`, body) of each rollout of `row` that `skip` does not drop.
+
+        Mutates `row` (it is the reader's own parsed copy).
+        """
+        key = self.router.key(row, where)
+        if self.prompt is not None:
+            own = row.get(RESPONSES_CREATE_PARAMS_KEY)
+            row[RESPONSES_CREATE_PARAMS_KEY] = {**(own if isinstance(own, dict) else {}),
+                                                "input": self.prompt.messages(row, where)}
+        if self.overrides:
+            own = row.get(RESPONSES_CREATE_PARAMS_KEY)
+            row[RESPONSES_CREATE_PARAMS_KEY] = {**(own if isinstance(own, dict) else {}), **self.overrides}
+        stamp = self.router.stamp(key)
+        if stamp is not None and stamp != UNNAMED_AGENT:
+            row[AGENT_REF_KEY] = {"name": stamp}
+        if self.router.environment_server is not None:
+            row[ENVIRONMENT_SERVER_KEY] = self.router.environment_server
+        row[TASK_INDEX_KEY] = task_index
+        own_ref = row.get(AGENT_REF_KEY)
+        rollout = 0
+        for agent in self.router.targets(key):
+            repeats = self.repeats_for(agent, key.basis) or 0
+            if agent == UNNAMED_AGENT:
+                ref = None
+            elif isinstance(own_ref, dict) and own_ref.get("name") == agent:
+                ref = own_ref
+            else:
+                ref = {"name": agent}
+            for _ in range(repeats):
+                if not skip(rollout):
+                    yield rollout, agent, ref, self._body(row, ref, rollout)
+                rollout += 1
+
+    def _body(self, row: dict[str, Any], ref: dict[str, Any] | None, rollout: int) -> bytes:
+        row[ROLLOUT_INDEX_KEY] = rollout
+        if ref is not None:
+            row[AGENT_REF_KEY] = ref
+        if not self.add_seed:
+            return orjson.dumps(row)
+        rcp = dict(row.get(RESPONSES_CREATE_PARAMS_KEY) or {})
+        metadata = dict(rcp.get("metadata") or {})
+        extra_body = json.loads(metadata.get("extra_body", "{}"))
+        extra_body["seed"] = rollout
+        metadata["extra_body"] = json.dumps(extra_body)  # json.dumps spacing, as NeMo Gym writes it
+        rcp["metadata"] = metadata
+        return orjson.dumps({**row, RESPONSES_CREATE_PARAMS_KEY: rcp})
