@@ -123,7 +123,7 @@ def test_agent_map_precedence_and_agent_name_override(caplog: pytest.LogCaptureF
     assert r.targets(key) == ("fallback",) and r.stamp(key) == "fallback" and key.overridden == "b"
     cfg = CollectConfig(agent_name="x", agent_map={"y": "z"})
     assert cfg.agent_map == {"y": "z", "_default": "x"}
-    with pytest.raises(ConfigError, match="conflicts with agent_map._default"):
+    with pytest.raises(ConfigError, match=r"conflicts with agent_map\._default"):
         CollectConfig(agent_name="x", agent_map={"_default": "w"})
 
 
@@ -170,9 +170,9 @@ def test_prompt_config_builds_the_input_and_refuses_rows_that_have_one(tmp_path:
         "max_output_tokens": 9, "temperature": 0.5,
         "input": [{"role": "system", "content": "You solve math problems."},
                   {"role": "user", "content": "Solve: 1+1"}]}
-    with pytest.raises(InputError, match="in.jsonl:2: the row has responses_create_params.input"):
+    with pytest.raises(InputError, match=r"in\.jsonl:2: the row has responses_create_params\.input"):
         builder.check({"question": "q", "kind": "k", "responses_create_params": {"input": "x"}}, "in.jsonl:2")
-    with pytest.raises(InputError, match="in.jsonl:3: the prompt template needs field 'kind'"):
+    with pytest.raises(InputError, match=r"in\.jsonl:3: the prompt template needs field 'kind'"):
         builder.check({"question": "q"}, "in.jsonl:3")
 
 

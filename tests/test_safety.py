@@ -190,7 +190,7 @@ async def test_resume_refuses_an_input_edited_anywhere(tmp_path: Path, sim: SimA
     middle = len(data) // 2 + data[len(data) // 2:].index(b"x")
     data[middle:middle + 1] = b"y"
     inp.write_bytes(bytes(data))
-    with pytest.raises(ConfigError, match="resume refused.*input"):
+    with pytest.raises(ConfigError, match=r"resume refused.*input"):
         await collect(config(inp, out, sim.url, end_idx=4, resume=True))
 
 
