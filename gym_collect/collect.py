@@ -139,7 +139,8 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
         snapshot = found.snapshot
         assert snapshot is not None
         start = selection.start_idx
-        rows = JsonlRows(input_path, RowSelection(start, start + found.num_rows), expected=snapshot)
+        rows = JsonlRows(input_path, RowSelection(start, start + found.num_rows), expected=snapshot,
+                         include_prefix=True)
         definition = {
             "input": snapshot.identity,
             "start_idx": start,
@@ -154,7 +155,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             client = await stack.enter_async_context(_client(cfg))
             routes, _ = await _routes(cfg, stack, client, builder, found)
             expected, per_row = _expected(cfg, builder, found)
-            done = DoneSet(start, found.num_rows, per_row)
+            done = _done_set(found, per_row)
             metrics = RunMetrics(expected)
             for url in sorted({route.url for route in routes.values()}):
                 await client.probe(url)
@@ -176,7 +177,14 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             gate, adaptive = _make_gate(cfg, urls, client)
             writer = outputs.open_writer(done, ordered=cfg.output_order == "input",
                                          window=cfg.reorder_window or _reorder_window(cfg, gate))
-            requests = iter_requests(rows, builder, done.is_done, _bad_row_rollouts(cfg))
+            skipped = [0]
+
+            def is_done(task: int, rollout: int) -> bool:
+                hit = done.is_done(task, rollout)
+                skipped[0] += hit
+                return hit
+
+            requests = iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer)
             log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
                      expected - done.count, found.num_rows, done.count, input_path, output_path)
             with Progress(expected, done.count, cfg.progress) as progress:
@@ -195,7 +203,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 finally:
                     shutdown.finishing()
         change = rows.check_unchanged()
-        in_output = prior.rollouts + writer.written
+        in_output = skipped[0] + writer.written
         document = metrics.snapshot(_limit_history(adaptive, metrics.started))
         document["rollouts"]["in_output"] = in_output
         document["rollouts"]["missing"] = expected - in_output
@@ -218,6 +226,13 @@ def _request_builder(cfg: CollectConfig) -> RequestBuilder:
                           prompt=prompt)
 
 
+def _done_set(found: ScanResult, per_row: int) -> DoneSet:
+    """The done set over the selection's task range (sparse caller task indices go to its overflow set)."""
+    low, high = found.task_range
+    span = high - low + 1
+    return DoneSet(low, span if span <= 4 * found.num_rows + 1024 else 0, per_row)
+
+
 def _bad_row_rollouts(cfg: CollectConfig) -> int:
     return cfg.repeats_for(None) or 1
 
@@ -233,7 +248,7 @@ def _expected(cfg: CollectConfig, builder: RequestBuilder, found: ScanResult) ->
 async def _routes(cfg: CollectConfig, stack: AsyncExitStack, client: AgentClient, builder: RequestBuilder,
                   found: ScanResult) -> tuple[dict[str, Route], Counter[str]]:
     """Resolve routing once: `task_source`s, then a `Route` for every agent; and the rollouts per agent."""
-    router, keys = builder.router, list(found.route_keys)
+    router, keys = builder.router, [*found.route_keys, *found.prefix_keys]
     direct = dict(cfg.agents)
     sim_url = await _start_sim_agent(stack, cfg, found) if cfg.sim.enabled else None
     head: HeadDocument | None = None
@@ -343,7 +358,7 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
             via = f" via environment server {route.environment_server}" if route.environment_server else ""
             label = "rows without agent_ref" if name == UNNAMED_AGENT else f"agent {name}"
             lines.append(f"  {label}: {count} rollouts -> POST {display_url(route.url)}/run{via} ({reach})")
-    done = DoneSet(selection.start_idx, found.num_rows, per_row)
+    done = _done_set(found, per_row)
     existing = [p for p in (paths.output, paths.failures) if p.exists() and p.stat().st_size > 0]
     lines.append(f"Output {paths.output} (side files {paths.output.stem}_*.json[l] beside it)")
     if existing and cfg.resume:

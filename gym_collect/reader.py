@@ -11,7 +11,7 @@ import hashlib
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -19,6 +19,7 @@ from typing import Any, BinaryIO
 import orjson
 
 from gym_collect.errors import InputError
+from gym_collect.nemo.indices import TaskIndexer, stamped_task
 from gym_collect.nemo.routing import UNNAMED_AGENT, RouteKey
 from gym_collect.nemo.rows import RequestBuilder
 
@@ -29,12 +30,16 @@ STAT_EVERY_ROWS = 1024
 
 @dataclass(slots=True)
 class Row:
-    """One selected input row: `data` is the parsed object, or None with `error` saying why not."""
+    """One input row: `index` is its row index (0-based, non-blank lines), `raw` its line; for a selected
+    row `data` is the parsed object, or None with `error` saying why not. Rows before the selection
+    (`selected` False, `data` None) are yielded only when asked for (`include_prefix`)."""
 
-    task_index: int
+    index: int
     line_no: int
     data: dict[str, Any] | None
     error: str | None = None
+    raw: bytes = b""
+    selected: bool = True
 
 
 @dataclass(slots=True)
@@ -85,12 +90,14 @@ class JsonlRows:
     """
 
     def __init__(
-        self, path: Path, selection: RowSelection, expected: InputSnapshot | None = None, *, read_to_end: bool = False
+        self, path: Path, selection: RowSelection, expected: InputSnapshot | None = None, *,
+        read_to_end: bool = False, include_prefix: bool = False,
     ) -> None:
         self.path = path
         self.selection = selection
         self.expected = expected
         self.read_to_end = read_to_end
+        self.include_prefix = include_prefix
         self.change: str | None = None
         self.totals: FileTotals | None = None
 
@@ -100,7 +107,7 @@ class JsonlRows:
         digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
         through_selection = digest.copy()  # the bytes up to the end of the last selected row's line
         seen = 0
-        task_index = -1
+        index = -1
         with _open_input(self.path) as f:
             for line_no, raw in enumerate(f, 1):
                 digest.update(raw)
@@ -108,17 +115,19 @@ class JsonlRows:
                     raw = raw[len(BOM):]
                 if not raw.strip():
                     continue
-                task_index += 1
-                if task_index < start:
+                index += 1
+                if index < start:
+                    if self.include_prefix:
+                        yield Row(index, line_no, None, None, raw, False)
                     continue
-                if stop is not None and task_index >= stop:
+                if stop is not None and index >= stop:
                     break
                 seen += 1
                 if expected is not None and seen % STAT_EVERY_ROWS == 0 and self._moved(expected):
                     return
-                yield _parse_row(raw, task_index, line_no)
+                yield _parse_row(raw, index, line_no)
                 through_selection = digest.copy()
-                if stop is not None and task_index + 1 >= stop:
+                if stop is not None and index + 1 >= stop:
                     break
             selection_digest = through_selection.hexdigest()
             if self.read_to_end:
@@ -126,8 +135,8 @@ class JsonlRows:
                 for raw in f:
                     digest.update(raw)
                     size += len(raw)
-                    task_index += bool(raw.strip())
-                self.totals = FileTotals(task_index + 1, size, selection_digest, digest.hexdigest())
+                    index += bool(raw.strip())
+                self.totals = FileTotals(index + 1, size, selection_digest, digest.hexdigest())
         if expected is not None and self.change is None:
             if seen < expected.num_rows:
                 self.change = f"it now ends after {seen} of the {expected.num_rows} selected rows"
@@ -207,12 +216,20 @@ class InputSnapshot:
 
 @dataclass
 class ScanResult:
-    """What the pre-flight pass over the selection found."""
+    """What the pre-flight passes over the input found.
+
+    `route_keys` counts the selected rows per `RouteKey`; `prefix_keys` are the keys of rows before the
+    selection that share a task index with it (their rollouts count first); `task_range` is the lowest and
+    highest task index of the selection; `indexer` carries NeMo Gym's task indices to the dispatch pass.
+    """
 
     num_rows: int
     route_keys: Counter[RouteKey]
     bad_rows: int
     snapshot: InputSnapshot | None = None
+    indexer: TaskIndexer | None = None
+    prefix_keys: set[RouteKey] = field(default_factory=set)
+    task_range: tuple[int, int] = (0, -1)
 
 
 def scan(
@@ -221,20 +238,27 @@ def scan(
     on_bad_row: str,
     checkpoint: Callable[[], None] | None = None,
 ) -> ScanResult:
-    """Check every selected row before any request is sent, and fingerprint the whole file in the same pass.
+    """Check every selected row before any request is sent, fingerprint the whole file in the same pass, and
+    work out NeMo Gym's task indices (`gym_collect.nemo.indices`, two more passes over the rows up to the
+    selection's end).
 
     Returns the row count, the rows per `RouteKey` (routing before `task_source` resolution), and the
     `InputSnapshot` that fixes the selection. `checkpoint` is called every `STAT_EVERY_ROWS` rows (it may
     raise to abandon the scan). Raises `InputError` at the first bad row when `on_bad_row == "fail"` or when
     the file changes while it is read, and `ConfigError` when a row cannot be routed.
     """
+    checkpoint = checkpoint or (lambda: None)
     before = _stat_input(rows.path)
-    reader = JsonlRows(rows.path, rows.selection, read_to_end=True)
-    result = ScanResult(0, Counter(), 0)
-    for row in reader:
-        result.num_rows += 1
-        if checkpoint is not None and result.num_rows % STAT_EVERY_ROWS == 0:
+    reader = JsonlRows(rows.path, rows.selection, read_to_end=True, include_prefix=True)
+    indexer = TaskIndexer(_capacity(rows.path, rows.selection))
+    result = ScanResult(0, Counter(), 0, indexer=indexer)
+    for count, row in enumerate(reader, 1):
+        if count % STAT_EVERY_ROWS == 0:
             checkpoint()
+        indexer.observe_line(row.raw, stamped_task(row.raw, row.data))
+        if not row.selected:
+            continue
+        result.num_rows += 1
         if row.data is None:
             if on_bad_row == "fail":
                 raise InputError(
@@ -253,7 +277,37 @@ def scan(
         result.num_rows, totals.rows, after.st_size, after.st_mtime_ns, after.st_ino, totals.fingerprint,
         totals.selection_digest,
     )
+    _index_pass(rows, result, builder, checkpoint)
     return result
+
+
+def _index_pass(rows: JsonlRows, result: ScanResult, builder: RequestBuilder, checkpoint: Callable[[], None]) -> None:
+    """Pass 2 (task indices, candidate repeats) and, when the selection starts later, the keys of the earlier
+    rows that may share a task index with it."""
+    indexer = result.indexer
+    assert indexer is not None
+    start = rows.selection.start_idx
+    stop = start + result.num_rows
+    indexer.begin_pass()
+    low, high = None, None
+    every_row = JsonlRows(rows.path, RowSelection(stop, stop), include_prefix=True)  # [0, stop), unparsed
+    for count, row in enumerate(every_row, 1):
+        if count % STAT_EVERY_ROWS == 0:
+            checkpoint()
+        task = indexer.task(row.raw, stamped_task(row.raw, row.data))
+        indexer.observe_task(task)
+        if row.index >= start:
+            low, high = min(task, task if low is None else low), max(task, task if high is None else high)
+    result.task_range = (low, high) if low is not None and high is not None else (0, -1)
+    if start == 0 or not indexer.candidate_tasks:
+        return
+    indexer.begin_pass()
+    for row in JsonlRows(rows.path, RowSelection(start, start), include_prefix=True):
+        task = indexer.task(row.raw, stamped_task(row.raw, None))
+        if indexer.may_repeat(task):
+            data = _parsed(row.raw)
+            if data is not None:
+                result.prefix_keys.add(builder.check(data, rows.location(row)))
 
 
 def iter_requests(
@@ -261,35 +315,72 @@ def iter_requests(
     builder: RequestBuilder,
     is_done: Callable[[int, int], bool],
     bad_row_rollouts: int = 1,
+    indexer: TaskIndexer | None = None,
 ) -> Iterator[RolloutRequest]:
     """Rollout requests in input order (aabbcc), skipping (task, rollout) pairs for which `is_done` is true.
 
-    Bodies come from `builder` (NeMo Gym's materialization); a bad row (`on_bad_row=skip`) gives
+    Task and rollout indices are NeMo Gym's (`indexer`, from `scan`; without one, the row index and rollouts
+    from 0). Bodies come from `builder` (NeMo Gym's materialization); a bad row (`on_bad_row=skip`) gives
     `bad_row_rollouts` requests with `error` set, recorded as failures and never sent.
     """
     seq = 0
+    if indexer is not None:
+        indexer.begin_pass()
     for row in rows:
-        task = row.task_index
+        if indexer is None:
+            task, first = row.index, 0
+        else:
+            task = indexer.task(row.raw, stamped_task(row.raw, row.data))
+            first = indexer.rollout_base(task)
+        if not row.selected:
+            assert indexer is not None
+            indexer.add_rollouts(task, partial(_rollouts_of, builder, row, rows.location(row)))
+            continue
         if row.data is None:
-            for r in range(bad_row_rollouts):
+            for r in range(first, first + bad_row_rollouts):
                 if not is_done(task, r):
                     yield RolloutRequest(seq, task, r, None, b"", f"{rows.location(row)}: {row.error}")
                     seq += 1
+            if indexer is not None:
+                indexer.add_rollouts(task, bad_row_rollouts)
             continue
-        for r, _agent, ref, body in builder.build(row.data, task, rows.location(row), partial(is_done, task)):
+        if indexer is not None:
+            indexer.add_rollouts(task, builder.rollouts(builder.router.key(row.data, rows.location(row))))
+        for r, _agent, ref, body in builder.build(row.data, task, rows.location(row), partial(is_done, task), first):
             yield RolloutRequest(seq, task, r, ref, body)
             seq += 1
 
 
-def _parse_row(raw: bytes, task_index: int, line_no: int) -> Row:
+def _rollouts_of(builder: RequestBuilder, row: Row, where: str) -> int:
+    data = _parsed(row.raw)
+    return 1 if data is None else builder.rollouts(builder.check(data, where))
+
+
+def _parsed(raw: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _capacity(path: Path, selection: RowSelection) -> int:
+    """Rows the index filters are sized for: the selection's end, or the file's line count."""
+    if selection.stop_idx is not None:
+        return selection.stop_idx
+    with _open_input(path) as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b"")) + 1
+
+
+def _parse_row(raw: bytes, index: int, line_no: int) -> Row:
     try:
         data = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         reason = "not valid UTF-8" if "UTF-8" in str(exc) else f"not valid JSON ({exc})"
-        return Row(task_index, line_no, None, reason)
+        return Row(index, line_no, None, reason, raw)
     if not isinstance(data, dict):
-        return Row(task_index, line_no, None, f"not a JSON object (a {type(data).__name__})")
-    return Row(task_index, line_no, data)
+        return Row(index, line_no, None, f"not a JSON object (a {type(data).__name__})", raw)
+    return Row(index, line_no, data, None, raw)
 
 
 def _stat_input(path: Path) -> os.stat_result:

@@ -40,6 +40,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
 
 
+def nemo_pairs(path: Path, repeats: int = 1) -> list[tuple[int, int]]:
+    """The (task, rollout) pairs NeMo Gym 0.7 assigns to a whole file, in order: a reference implementation of
+    `nemo_gym/rollout_collection.py:2155-2192` (a row's own `_ng_task_index` kept, identical lines share a
+    task index, rollout indices count per task)."""
+    line_tasks: dict[bytes, int] = {}
+    rollouts: dict[int, int] = {}
+    out = []
+    for raw in path.read_bytes().splitlines(keepends=True):
+        if not raw.strip():
+            continue
+        own = orjson.loads(raw).get("_ng_task_index")
+        task = own if isinstance(own, int) else line_tasks.setdefault(raw.rstrip(b"\r\n"), len(line_tasks))
+        for _ in range(repeats):
+            out.append((task, rollouts.get(task, 0)))
+            rollouts[task] = rollouts.get(task, 0) + 1
+    return out
+
+
 def pairs(rows: Iterable[dict[str, Any]]) -> list[tuple[int, int]]:
     """(task, rollout) of each record, in file order."""
     return [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows]

@@ -8,7 +8,7 @@ import pytest
 
 from gym_collect.collect import collect
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
-from tests.conftest import NEMO_GYM_DATA, config, make_rows, pairs, read_jsonl, write_rows
+from tests.conftest import NEMO_GYM_DATA, config, make_rows, nemo_pairs, pairs, read_jsonl, write_rows
 
 
 async def test_in_flight_never_exceeds_and_reaches_num_samples_in_parallel(tmp_path: Path) -> None:
@@ -109,16 +109,19 @@ EXAMPLES = sorted((NEMO_GYM_DATA / "nemo_gym_examples").glob("*__example.jsonl")
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
 async def test_every_nemo_gym_example_input_goes_through(tmp_path: Path, example: Path) -> None:
+    named = _agent_names(example)
     async with SimAgent(SimAgentConfig(service_time_s=0.0)) as sim:
-        cfg = config(example, tmp_path / "out.jsonl", None, head_server_url=sim.url, num_samples_in_parallel=16)
-        sim.agent_names = ("sim_agent", *_agent_names(example))
+        cfg = config(example, tmp_path / "out.jsonl", None, head_server_url=sim.url, num_samples_in_parallel=16,
+                     agent_name=None if named else "sim_agent")
+        sim.agent_names = ("sim_agent", *named)
         result = await collect(cfg)
     assert result.exit_code == 0
     rollouts = read_jsonl(tmp_path / "out.jsonl")
-    source = read_jsonl(example)
-    assert sorted(pairs(rollouts)) == [(i, 0) for i in range(len(source))]
+    expected = nemo_pairs(example)
+    assert sorted(pairs(rollouts)) == sorted(expected)
+    source = dict(zip(expected, read_jsonl(example), strict=True))
     for rollout in rollouts:
-        row = source[rollout["_ng_task_index"]]
+        row = source[(rollout["_ng_task_index"], rollout["_ng_rollout_index"])]
         assert rollout["responses_create_params"] == row["responses_create_params"]
         assert rollout["response"]["object"] == "response" and "reward" in rollout
 

@@ -34,7 +34,7 @@ def test_row_index_counts_non_blank_lines_only(tmp_path: Path) -> None:
     path = tmp_path / "in.jsonl"
     path.write_bytes(b'\xef\xbb\xbf{"q": 0}\r\n\r\n   \n{"q": 1}\n\n{"q": 2}')
     rows = list(JsonlRows(path, RowSelection()))
-    assert [(r.task_index, r.line_no, r.data) for r in rows] == [
+    assert [(r.index, r.line_no, r.data) for r in rows] == [
         (0, 1, {"q": 0}), (1, 4, {"q": 1}), (2, 6, {"q": 2})]
     assert count_rows(path) == 3
 

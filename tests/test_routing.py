@@ -4,6 +4,7 @@ pure units, then end to end against the simulated agent's head document."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gym_collect.cli import normalize_overrides
 from gym_collect.collect import collect
@@ -21,7 +24,7 @@ from gym_collect.nemo.keys import NemoGymOnlyKeys, notices
 from gym_collect.nemo.routing import Route, RowRouter, resolve_routes
 from gym_collect.nemo.rows import PromptConfig, RequestBuilder
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
-from tests.conftest import config, make_rows, read_jsonl, write_rows
+from tests.conftest import config, make_rows, nemo_pairs, pairs, read_jsonl, write_rows
 
 
 def server(port: int, **extra: Any) -> dict[str, Any]:
@@ -246,3 +249,52 @@ async def test_environment_server_name_sends_every_row_to_it(tmp_path: Path) -> 
     assert sent["agent_ref"] == {"name": "my_agent"}
     assert sent["_ng_environment_server"] == "my_agent_environment_server"
     assert {r["_ng_result_type"] for r in read_jsonl(tmp_path / "out.jsonl")} == {"legacy_agent"}
+
+
+# Task and rollout indices -------------------------------------------------------------------------------------
+
+def shard_pairs(path: Path, start: int, stop: int, repeats: int) -> list[tuple[int, int]]:
+    from gym_collect.reader import JsonlRows, RowSelection, iter_requests, scan
+
+    builder = RequestBuilder(router(unnamed_agent="a"), lambda *keys: repeats, {})
+    found = scan(JsonlRows(path, RowSelection(start, stop)), builder, "fail")
+    rows = JsonlRows(path, RowSelection(start, start + found.num_rows), include_prefix=True)
+    return [(r.task_index, r.rollout_index)
+            for r in iter_requests(rows, builder, lambda t, r: False, 1, found.indexer)]
+
+
+POOL = [{"q": "same"}, {"q": "other"}, {"q": "stamped", "_ng_task_index": 1},
+        {"q": "far", "_ng_task_index": 10**12}, {"q": "x", "_ng_task_index": 0}]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(POOL), st.builds(lambda i: {"q": i}, st.integers(0, 30))), max_size=40),
+       st.integers(1, 3), st.lists(st.integers(0, 40), max_size=4))
+def test_any_split_into_shards_gives_the_single_runs_indices(
+    tmp_path_factory: pytest.TempPathFactory, rows: list[dict[str, Any]], repeats: int, cuts: list[int]
+) -> None:
+    path = write_rows(tmp_path_factory.mktemp("rows") / "in.jsonl", rows)
+    single = shard_pairs(path, 0, len(rows), repeats)
+    assert single == nemo_pairs(path, repeats)
+    bounds = sorted({0, len(rows), *(min(c, len(rows)) for c in cuts)})
+    sharded = [p for a, b in itertools.pairwise(bounds) for p in shard_pairs(path, a, b, repeats)]
+    assert sharded == single
+    assert len(set(single)) == len(single)
+
+
+async def test_caller_task_indices_and_duplicate_lines_end_to_end_with_resume(tmp_path: Path) -> None:
+    rows = [{"q": "a", "_ng_task_index": 40}, {"q": "b", "_ng_task_index": 41}, {"q": "c", "_ng_task_index": 40},
+            {"q": "dup"}, {"q": "dup"}, {"q": "solo"}]
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    async with SimAgent(SimAgentConfig(service_time_s=0.0)) as sim:
+        assert (await collect(config(inp, out, sim.url, num_repeats=2))).exit_code == 0
+        got = sorted(pairs(read_jsonl(out)))
+        assert got == sorted(nemo_pairs(inp, 2))
+        assert got == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (40, 0), (40, 1), (40, 2), (40, 3),
+                       (41, 0), (41, 1)]
+        kept = read_jsonl(out)[::2]
+        out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in kept))
+        result = await collect(config(inp, out, sim.url, num_repeats=2, resume=True))
+    assert result.exit_code == 0
+    assert sorted(pairs(read_jsonl(out))) == got

@@ -100,9 +100,10 @@ class RequestBuilder:
             total += repeats
         return total
 
-    def build(self, row: dict[str, Any], task_index: int, where: str, skip: Callable[[int], bool]
-              ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
-        """(rollout index, agent, `agent_ref`, body) of each rollout of `row` that `skip` does not drop.
+    def build(self, row: dict[str, Any], task_index: int, where: str, skip: Callable[[int], bool],
+              first_rollout: int = 0) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
+        """(rollout index, agent, `agent_ref`, body) of each rollout of `row` that `skip` does not drop;
+        rollout indices count on from `first_rollout` (earlier rows of the same task index).
 
         Mutates `row` (it is the reader's own parsed copy).
         """
@@ -121,7 +122,7 @@ class RequestBuilder:
             row[ENVIRONMENT_SERVER_KEY] = self.router.environment_server
         row[TASK_INDEX_KEY] = task_index
         own_ref = row.get(AGENT_REF_KEY)
-        rollout = 0
+        rollout = first_rollout
         for agent in self.router.targets(key):
             repeats = self.repeats_for(agent, key.basis) or 0
             if agent == UNNAMED_AGENT:
