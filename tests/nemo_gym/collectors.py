@@ -1,10 +1,11 @@
 """Run NeMo Gym 0.7.0's `ng_collect_rollouts` and this repository's `collect_rollouts` the same way, side by side.
 
-Both get the same `+key=value` arguments on the same input file, in separate directories (`<case>/nemo/`,
-`<case>/tool/`), one after the other against the same stack. The only argument that differs is where the head
-server is: NeMo Gym reads `head_server` from an `env.yaml` in its working directory (how NeMo Gym users pin it), and
-`collect_rollouts` gets `head_server_url=` (it does not read `env.yaml`). Around each run the harness records which
-server instances received `POST /run` (`NemoGymStack.take_run_counts`) and the bodies the stub model received.
+Both get the same `+key=value` arguments on the same input file, one after the other against the same stack: in
+separate directories (`<case>/nemo/`, `<case>/tool/`) side by side, or in one directory for resume across the tools.
+The only argument that differs is where the head server is: NeMo Gym reads `head_server` from an `env.yaml` in its
+working directory (how NeMo Gym users pin it), and `collect_rollouts` gets `head_server_url=` (it does not read
+`env.yaml`). Around each run the harness records which server instances received `POST /run`
+(`NemoGymStack.take_run_counts`) and the bodies the stub model received.
 """
 
 from __future__ import annotations
@@ -78,10 +79,9 @@ def _run(name: str, argv: list[str], cwd: Path, output: Path, stack: NemoGymStac
                         stack.take_run_counts(), stub.take_requests())
 
 
-def run_nemo(stack: NemoGymStack, stub: StubModel, case_dir: Path, args: list[str],
+def run_nemo(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
              extra_env: dict[str, str] | None = None) -> CollectorRun:
-    """`ng_collect_rollouts ARGS +output_jsonl_fpath=<case>/nemo/rollouts.jsonl` from `<case>/nemo/`."""
-    cwd = case_dir / "nemo"
+    """`ng_collect_rollouts ARGS +output_jsonl_fpath=<cwd>/rollouts.jsonl` in `cwd` (created, with an `env.yaml`)."""
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "env.yaml").write_text(yaml.safe_dump({"head_server": {"host": "127.0.0.1", "port": stack.head_port}}))
     output = cwd / OUTPUT_NAME
@@ -89,10 +89,9 @@ def run_nemo(stack: NemoGymStack, stub: StubModel, case_dir: Path, args: list[st
     return _run("nemo", argv, cwd, output, stack, stub, {**_environment(), **(extra_env or {})})
 
 
-def run_tool(stack: NemoGymStack, stub: StubModel, case_dir: Path, args: list[str],
+def run_tool(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
              extra_env: dict[str, str] | None = None) -> CollectorRun:
-    """`collect_rollouts ARGS +output_jsonl_fpath=<case>/tool/rollouts.jsonl head_server_url=URL` in `<case>/tool/`."""
-    cwd = case_dir / "tool"
+    """`collect_rollouts ARGS +output_jsonl_fpath=<cwd>/rollouts.jsonl head_server_url=URL` in `cwd` (created)."""
     cwd.mkdir(parents=True, exist_ok=True)
     output = cwd / OUTPUT_NAME
     argv = [str(TOOL_BIN / "collect_rollouts"), *args, f"+output_jsonl_fpath={output}",

@@ -43,8 +43,11 @@ DEFAULT_CONFIGS: tuple[str, ...] = (
     "resources_servers/example_multi_turn_gymnasium/configs/example_multi_turn_gymnasium.yaml",
     "responses_api_models/openai_model/configs/openai_model.yaml",
 )
-# Head server ports are drawn above NeMo Gym's server range (10001-20000) and below Linux's ephemeral range.
+# Head server ports are drawn above NeMo Gym's server range and below Linux's ephemeral range. The servers' range is
+# NeMo Gym's default (10001-20000) minus the ports around 11000, NeMo Gym's default head port, which other tests and
+# people's own stacks on the same machine use.
 HEAD_PORT_RANGE = (21000, 29999)
+SERVER_PORT_RANGE = (12001, 20000)
 RUN_LINE = '"POST /run HTTP/1.1"'
 
 
@@ -184,7 +187,8 @@ class NemoGymStack:
         return [str(self.venv / "bin" / "gym"), "env", "start", f"+config_paths=[{','.join(self.configs)}]",
                 "+head_server.host=127.0.0.1", f"+head_server.port={self.head_port}", "+default_host=127.0.0.1",
                 "+skip_venv_if_present=true", f"+uv_venv_dir={venvs}", "+uvicorn_logging_show_200_ok=true",
-                f"+nemo_gym_log_dir={self.log_dir}"]
+                f"+nemo_gym_log_dir={self.log_dir}", f"+port_range_low={SERVER_PORT_RANGE[0]}",
+                f"+port_range_high={SERVER_PORT_RANGE[1]}"]
 
     def _tail(self, lines: int = 40) -> str:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -87,12 +87,15 @@ def _message(text: str, digest: str) -> dict[str, Any]:
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def respond(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    """The stub's answer to a `POST /v1/responses` body: (HTTP status, JSON body). Pure."""
+def respond(body: dict[str, Any], fail_marked: bool = True) -> tuple[int, dict[str, Any]]:
+    """The stub's answer to a `POST /v1/responses` body: (HTTP status, JSON body). Pure.
+
+    `fail_marked=False` answers rows marked with `FAIL_MARKER` like any other (a failure that heals, for resume).
+    """
     items = body.get("input")
     items = [{"role": "user", "content": items}] if isinstance(items, str) else list(items or [])
     digest = _digest(body)
-    if any(FAIL_MARKER in text for text in _texts(items)):
+    if fail_marked and any(FAIL_MARKER in text for text in _texts(items)):
         return 400, {"error": {"message": f"stub model rejects rows marked {FAIL_MARKER}",
                                "type": "invalid_request_error", "param": "input", "code": None}}
     tool_names = {t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)}
@@ -126,7 +129,8 @@ class StubModel:
     """The stub as an aiohttp server in a daemon thread with its own event loop (usable from synchronous tests).
 
     `with StubModel() as stub: stub.base_url` ("http://127.0.0.1:PORT/v1"). `take_requests()` returns and clears
-    the `/v1/responses` bodies received so far, in arrival order. The server stops on `__exit__` and, being a daemon
+    the `/v1/responses` bodies received so far, in arrival order. `fail_marked` (default True) switches the
+    failure of marked rows on and off between runs. The server stops on `__exit__` and, being a daemon
     thread of the test process, never outlives it.
     """
 
@@ -140,6 +144,7 @@ class StubModel:
         self._stop: asyncio.Event | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
+        self.fail_marked = True
 
     @property
     def base_url(self) -> str:
@@ -160,7 +165,7 @@ class StubModel:
         body = await request.json()
         with self._lock:
             self._requests.append(body)
-        status, answer = respond(body)
+        status, answer = respond(body, self.fail_marked)
         return web.json_response(answer, status=status)
 
     async def _main(self) -> None:

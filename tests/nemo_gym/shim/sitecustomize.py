@@ -11,7 +11,7 @@ import os
 
 if os.environ.get("GYM_COLLECT_CONFORMANCE_NO_RAY") == "1":
     try:
-        import nemo_gym.server_utils as _server_utils
+        import nemo_gym.server_utils as _server_utils  # type: ignore[import-not-found]
     except ImportError:  # a Python without NeMo Gym (pip, the tool's own venv): nothing to patch
         pass
     else:
