@@ -5,7 +5,8 @@ separate directories (`<case>/nemo/`, `<case>/tool/`) side by side, or in one di
 The only argument that differs is where the head server is: NeMo Gym reads `head_server` from an `env.yaml` in its
 working directory (how NeMo Gym users pin it), and `collect_rollouts` gets `head_server_url=` (it does not read
 `env.yaml`). Around each run the harness records which server instances received `POST /run`
-(`NemoGymStack.take_run_counts`) and the bodies the stub model received.
+and `POST /aggregate_metrics`
+(`NemoGymStack.take_request_counts`) and the bodies the stub model received.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class CollectorRun:
     stderr: str
     output: Path  # the output_jsonl_fpath
     elapsed_s: float
-    run_counts: Counter[str] = field(default_factory=Counter)
+    run_counts: Counter[str] = field(default_factory=Counter)  # server instance -> POST /run received
+    aggregate_counts: Counter[str] = field(default_factory=Counter)  # server instance -> POST /aggregate_metrics
     model_requests: list[dict[str, Any]] = field(default_factory=list)
 
     def side_file(self, suffix: str) -> Path:
@@ -69,14 +71,15 @@ def _environment() -> dict[str, str]:
 
 def _run(name: str, argv: list[str], cwd: Path, output: Path, stack: NemoGymStack, stub: StubModel,
          env: dict[str, str]) -> CollectorRun:
-    stack.take_run_counts()  # start from a clean slate
+    stack.take_request_counts()  # start from a clean slate
     stub.take_requests()
     started = time.monotonic()
     proc = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=COLLECT_TIMEOUT_S,
                           check=False)
     elapsed = time.monotonic() - started
-    return CollectorRun(name, argv, proc.returncode, proc.stdout, proc.stderr, output, elapsed,
-                        stack.take_run_counts(), stub.take_requests())
+    counts = stack.take_request_counts()
+    return CollectorRun(name, argv, proc.returncode, proc.stdout, proc.stderr, output, elapsed, counts["run"],
+                        counts["aggregate_metrics"], stub.take_requests())
 
 
 def run_nemo(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],

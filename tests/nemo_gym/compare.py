@@ -9,7 +9,8 @@ differs, with field names and example values. Checks:
 - `fields`: the same set of keys on every line, stamps included, with equal values.
 - `routing`: the same server instances received `POST /run`, as often.
 - `materialized_inputs`: `<stem>_materialized_inputs.jsonl` equal line for line (parsed JSON, in file order).
-- `aggregate_metrics`: `<stem>_aggregate_metrics.json` equal value for value (`TIMING_KEYS` aside).
+- `aggregate_metrics`: the same server instances received `POST /aggregate_metrics`, and
+  `<stem>_aggregate_metrics.json` is equal value for value (`TIMING_KEYS` aside).
 - `failures`: `<stem>_failures.jsonl` present on both sides or neither (0.7 leaves an empty one when nothing failed);
   the same failure records per (task, rollout): keys, `_ng_failure_class`, `_ng_failure_terminal`.
 
@@ -189,16 +190,21 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
 
 def check_aggregate_metrics(nemo: CollectorRun, tool: CollectorRun) -> list[str]:
     """See the module docstring (`aggregate_metrics`)."""
+    diffs = []
+    if nemo.aggregate_counts != tool.aggregate_counts:
+        diffs.append(f"aggregate metrics: POST /aggregate_metrics received by "
+                     f"{dict(sorted(nemo.aggregate_counts.items()))} under NeMo Gym, by "
+                     f"{dict(sorted(tool.aggregate_counts.items()))} under the tool")
     path_a, path_b = nemo.side_file("_aggregate_metrics.json"), tool.side_file("_aggregate_metrics.json")
     if path_a.exists() != path_b.exists():
-        return [f"aggregate metrics: _aggregate_metrics.json written by NeMo Gym: {path_a.exists()}, "
-                f"by the tool: {path_b.exists()}"]
+        return [*diffs, f"aggregate metrics: _aggregate_metrics.json written by NeMo Gym: {path_a.exists()}, "
+                        f"by the tool: {path_b.exists()}"]
     if not path_a.exists():
-        return []
+        return diffs
     a = _without_timing(json.loads(path_a.read_text()))
     b = _without_timing(json.loads(path_b.read_text()))
     found = _first_difference(a, b)
-    return [f"aggregate metrics: {found}"] if found else []
+    return [*diffs, f"aggregate metrics: {found}"] if found else diffs
 
 
 def check_failures(nemo: CollectorRun, tool: CollectorRun) -> list[str]:

@@ -6,7 +6,7 @@ What it takes to run here (Python 3.11, no uv, no Ray; see `README.md` beside th
 - the no-Ray shim (`shim/sitecustomize.py`) on `PYTHONPATH`, switched on by an environment variable;
 - `PYTHONUNBUFFERED` unset and `+uvicorn_logging_show_200_ok=true`, so every server's log
   (`+nemo_gym_log_dir`, one file per server instance) holds one whole access line per request: that is how the
-  suite tells which server received each `POST /run`;
+  suite tells which server received each `POST /run` and `POST /aggregate_metrics`;
 - the model server (`openai_model`) pointed at the stub through `env.yaml` in the stack's working directory.
 
 Lifetime: `supervisor.py` owns the process group, stops it when asked, when the test process dies (its stdin pipe
@@ -48,7 +48,8 @@ DEFAULT_CONFIGS: tuple[str, ...] = (
 # people's own stacks on the same machine use.
 HEAD_PORT_RANGE = (21000, 29999)
 SERVER_PORT_RANGE = (12001, 20000)
-RUN_LINE = '"POST /run HTTP/1.1"'
+# Requests whose receivers the suite records, by name: what the access log line holds.
+TRACKED_REQUESTS = {"run": '"POST /run HTTP/1.1"', "aggregate_metrics": '"POST /aggregate_metrics HTTP/1.1"'}
 
 
 class StackError(RuntimeError):
@@ -249,18 +250,19 @@ class NemoGymStack:
     def _server_log(self, name: str) -> Path:
         return self.log_dir / f"{name.replace('/', '_')}.log"
 
-    def take_run_counts(self, timeout_s: float = 30.0) -> Counter[str]:
-        """`POST /run` requests each server instance received since the last call (instances with none omitted).
+    def take_request_counts(self, timeout_s: float = 30.0) -> dict[str, Counter[str]]:
+        """Per `TRACKED_REQUESTS` name, how many of those requests each server instance received since the last call
+        (instances with none omitted). The model server is not tracked.
 
         Access lines can trail the responses they log, so each server first gets a marker request, and the lines are
         read up to that marker: every request answered before this call is counted, none twice.
         """
         self._marker += 1
         marker = f"/conformance-marker-{self._marker}"
-        tracked = [s for s in self.servers.values() if s.type in ("environment_servers", "responses_api_agents")]
+        tracked = [s for s in self.servers.values() if s.type != "responses_api_models"]
         for server in tracked:
             http_get(f"{server.url}{marker}")  # 404, logged like any request
-        counts: Counter[str] = Counter()
+        counts: dict[str, Counter[str]] = {name: Counter() for name in TRACKED_REQUESTS}
         deadline = time.monotonic() + timeout_s
         for server in tracked:
             path = self._server_log(server.name)
@@ -276,9 +278,10 @@ class NemoGymStack:
             line_end = data.find(b"\n", end)
             consumed = data[: line_end + 1 if line_end >= 0 else len(data)]
             self._log_offsets[server.name] = start + len(consumed)
-            runs = consumed.decode(errors="replace").count(RUN_LINE)
-            if runs:
-                counts[server.name] = runs
+            text = consumed.decode(errors="replace")
+            for name, line in TRACKED_REQUESTS.items():
+                if text.count(line):
+                    counts[name][server.name] = text.count(line)
         return counts
 
     def stop(self) -> None:

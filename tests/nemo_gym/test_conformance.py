@@ -122,7 +122,8 @@ SESSION = ("POST /run goes to example_single_tool_call_session_agent itself; 0.7
            "single_agent_turn_legacy environment server example_single_tool_call_single_agent_turn, which runs the "
            "episode through the agent's /v1/responses")
 MATERIALIZED = "no <stem>_materialized_inputs.jsonl (0.7 writes every /run body, in (task, rollout) order)"
-AGGREGATE = "no <stem>_aggregate_metrics.json (0.7 POSTs /aggregate_metrics to each environment server after the run)"
+AGGREGATE = ("no POST /aggregate_metrics and no <stem>_aggregate_metrics.json (0.7 POSTs it to each environment "
+             "server after the run; a legacy_agent relay forwards it to its agent)")
 NO_EMPTY_FAILURES = "an empty <stem>_failures.jsonl is deleted; 0.7 always leaves one, empty when nothing failed"
 FILES = {"materialized_inputs": MATERIALIZED, "aggregate_metrics": AGGREGATE, "failures": NO_EMPTY_FAILURES}
 RELAY_CASE = {"fields": STAMPS, "routing": RELAYED, **FILES}
@@ -252,7 +253,8 @@ def test_case(case: Case, check: str, stack: NemoGymStack, stub: StubModel,
     diffs = CHECKS[check](nemo, tool)
     report({"case": case.name, "check": check, "diffs": diffs, "nemo_s": round(nemo.elapsed_s, 2),
             "tool_s": round(tool.elapsed_s, 2), "nemo_exit": nemo.returncode, "tool_exit": tool.returncode,
-            "nemo_runs": nemo.run_counts, "tool_runs": tool.run_counts})
+            "nemo_runs": nemo.run_counts, "tool_runs": tool.run_counts, "nemo_aggregates": nemo.aggregate_counts,
+            "tool_aggregates": tool.aggregate_counts})
     assert diffs == [], "\n".join([*diffs, tool.describe()])
 
 
