@@ -29,7 +29,8 @@ from tests.nemo_gym.conftest import report
 from tests.nemo_gym.stack import NemoGymStack
 from tests.nemo_gym.stub_model import FAIL_MARKER, StubModel
 
-pytestmark = [pytest.mark.nemo_gym, pytest.mark.timeout(900)]
+# The first case also waits for the NeMo Gym venv (minutes on a cold package cache) and the stack.
+pytestmark = [pytest.mark.nemo_gym, pytest.mark.timeout(1800)]
 
 DATA = Path(__file__).resolve().parent / "data"
 SIMPLE_AGENT = "example_single_tool_call_simple_agent"  # simple_agent behind a legacy_agent relay
