@@ -17,7 +17,7 @@ import pytest
 
 from tests.nemo_gym.stack import NemoGymStack
 from tests.nemo_gym.stub_model import StubModel
-from tests.nemo_gym.venv import ensure_venv
+from tests.nemo_gym.venv import VenvError, ensure_venv
 
 REPORT_ENV = "GYM_COLLECT_CONFORMANCE_REPORT"
 
@@ -25,7 +25,10 @@ REPORT_ENV = "GYM_COLLECT_CONFORMANCE_REPORT"
 @pytest.fixture(scope="package")
 def nemo_venv() -> Path:
     """The NeMo Gym 0.7.0 venv, created on first use (about 3 minutes), reused afterwards."""
-    return ensure_venv()
+    try:
+        return ensure_venv()
+    except VenvError as exc:
+        raise VenvError(f"{exc} (without the package index, leave this suite out: pytest -m 'not nemo_gym')") from exc
 
 
 @pytest.fixture(scope="package")
