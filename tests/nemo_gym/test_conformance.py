@@ -1,0 +1,320 @@
+"""`collect_rollouts` against NeMo Gym 0.7.0's `ng_collect_rollouts`, on the real NeMo Gym servers (issues 8 and 9).
+
+Each case runs both collectors once, with the same `+key=value` command line on the same input (see
+`collectors.py`), and every check of `compare.py` is its own test: `test_case[<case>-<check>]`. A check the tool
+does not pass yet is marked `xfail(strict=True)` with what differs, so it turns into a failure (XPASS) the day the
+collector work lands and the mark must go. Resume across the tools has its own tests below.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from tests.nemo_gym.collectors import CollectorRun, run_nemo, run_tool
+from tests.nemo_gym.compare import (
+    CHECKS,
+    check_aggregate_metrics,
+    check_failures,
+    check_materialized_inputs,
+    check_rollouts,
+)
+from tests.nemo_gym.conftest import report
+from tests.nemo_gym.stack import NemoGymStack
+from tests.nemo_gym.stub_model import FAIL_MARKER, StubModel
+
+# The first case also waits for the NeMo Gym venv (minutes on a cold package cache) and the stack.
+pytestmark = [pytest.mark.nemo_gym, pytest.mark.timeout(1800)]
+
+DATA = Path(__file__).resolve().parent / "data"
+SIMPLE_AGENT = "example_single_tool_call_simple_agent"  # simple_agent behind a legacy_agent relay
+SESSION_AGENT = "example_single_tool_call_session_agent"  # simple_agent behind single_agent_turn_legacy
+SINGLE_AGENT_TURN = "example_single_tool_call_single_agent_turn"
+GYMNASIUM_AGENT = "example_multi_turn_gymnasium_agent"  # gymnasium_agent behind a legacy_agent relay
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    """The bundled NeMo Gym example rows (`data/<name>.jsonl`)."""
+    return [orjson.loads(line) for line in (DATA / f"{name}.jsonl").read_bytes().splitlines() if line.strip()]
+
+
+def agent_ref(name: str) -> dict[str, str]:
+    """A row's `agent_ref` naming agent `name`."""
+    return {"type": "responses_api_agents", "name": name}
+
+
+def weather(agent: str | None = None) -> list[dict[str, Any]]:
+    """The 5 example_single_tool_call rows, with `agent_ref` set to `agent` when given."""
+    return [{**row, "agent_ref": agent_ref(agent)} if agent else row for row in load("example_single_tool_call")]
+
+
+def failing(row: dict[str, Any]) -> dict[str, Any]:
+    """`row` with its user message marked so the stub model answers 400 (the rollout fails)."""
+    rcp = dict(row["responses_create_params"])
+    rcp["input"] = [{**item, "content": f"{item['content']} {FAIL_MARKER}"} if item.get("role") == "user" else item
+                    for item in rcp["input"]]
+    return {**row, "responses_create_params": rcp}
+
+
+def gymnasium() -> list[dict[str, Any]]:
+    """The 5 example_multi_turn_gymnasium rows (each with its own `agent_ref`)."""
+    return load("example_multi_turn_gymnasium")
+
+
+def lines(rows: list[dict[str, Any]]) -> bytes:
+    """Rows as JSONL (compact, one line each)."""
+    return b"".join(orjson.dumps(row) + b"\n" for row in rows)
+
+
+def caller_indices_and_duplicates() -> bytes:
+    """Rows stamped 40, 41, 40 by the caller, then one line twice byte for byte, then one more."""
+    rows = weather()
+    stamped = [{**rows[0], "_ng_task_index": 40}, {**rows[1], "_ng_task_index": 41}, {**rows[2], "_ng_task_index": 40}]
+    return lines(stamped) + lines([rows[3]]) * 2 + lines([rows[4]])
+
+
+def task_source_rows() -> bytes:
+    """Rows as 0.7's `gym dataset collate` writes them: no `agent_ref`, a `task_source` naming the declaring
+    instance: an agent (resolved to itself) or a resources server (resolved to its unique agent)."""
+    mixed = []
+    for w, g in zip(weather(), gymnasium(), strict=True):
+        g = {k: v for k, v in g.items() if k != "agent_ref"}
+        mixed += [{**w, "task_source": SIMPLE_AGENT}, {**g, "task_source": "example_multi_turn_gymnasium"}]
+    return lines(mixed)
+
+
+def prompt_rows() -> bytes:
+    """Gymnasium rows with the question in a field and no `responses_create_params.input` (for `prompt_config`)."""
+    rows = []
+    for row in gymnasium():
+        rcp = {k: v for k, v in row["responses_create_params"].items() if k != "input"}
+        rows.append({**row, "question": row["responses_create_params"]["input"][0]["content"],
+                     "responses_create_params": rcp})
+    return lines(rows)
+
+
+PROMPT_YAML = "system: Answer in one short sentence.\nuser: 'Question: {question}'\n"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One side-by-side run: input, shared arguments, and what the checks expect today."""
+
+    name: str
+    build: Callable[[], bytes]  # the input file's bytes
+    args: tuple[str, ...]  # shared +key=value arguments; "{prompt}" and "{head_port}" are filled in
+    xfail: dict[str, str] = field(default_factory=dict)  # check -> what differs today
+    skip: dict[str, str] = field(default_factory=dict)  # check -> why it does not apply
+
+
+# What differs today, by check (the spec for the collector work; see README.md for the observed 0.7 shapes).
+STAMPS = ("results lack 0.7's stamps _ng_environment_server (the environment server that ran the rollout, "
+          "e.g. 'example_single_tool_call_environment_server') and _ng_result_type (its implementation, "
+          "e.g. 'legacy_agent')")
+RELAYED = ("POST /run goes to the agent itself; 0.7 posts it to the environment server fronting the agent, a "
+           "legacy_agent relay that forwards it to the agent (both receive it once)")
+SESSION = ("POST /run goes to example_single_tool_call_session_agent itself; 0.7 posts it only to the "
+           "single_agent_turn_legacy environment server example_single_tool_call_single_agent_turn, which runs the "
+           "episode through the agent's /v1/responses")
+MATERIALIZED = "no <stem>_materialized_inputs.jsonl (0.7 writes every /run body, in (task, rollout) order)"
+AGGREGATE = ("no POST /aggregate_metrics and no <stem>_aggregate_metrics.json (0.7 POSTs it to each environment "
+             "server after the run; a legacy_agent relay forwards it to its agent)")
+NO_EMPTY_FAILURES = "an empty <stem>_failures.jsonl is deleted; 0.7 always leaves one, empty when nothing failed"
+FILES = {"materialized_inputs": MATERIALIZED, "aggregate_metrics": AGGREGATE, "failures": NO_EMPTY_FAILURES}
+RELAY_CASE = {"fields": STAMPS, "routing": RELAYED, **FILES}
+SESSION_CASE = {"fields": STAMPS, "routing": SESSION, **FILES}
+
+
+def refused(key: str) -> dict[str, str]:
+    """Every check fails the same way: the tool rejects `key`."""
+    reason = f"the tool rejects +{key} (exit 2, unknown config key); 0.7 accepts it"
+    return dict.fromkeys(CHECKS, reason)
+
+
+RETRIED = ("the tool retries the agent's HTTP 500 (which wraps the model's 400 and cannot heal) 5 times: {runs} /run "
+           "and 15 model calls where 0.7 makes 6 and 11")
+
+
+def weather_failing() -> bytes:
+    """The 5 weather rows, then a copy of the first marked to fail: 6 rows, (5, 0) fails."""
+    return lines([*weather(), failing(weather()[0])])
+
+
+CASES: tuple[Case, ...] = (
+    Case("plain_agent", lambda: lines(weather()), (f"+agent_name={SIMPLE_AGENT}",), RELAY_CASE),
+    Case("num_repeats", lambda: lines(gymnasium()), ("+num_repeats=3",), RELAY_CASE),
+    Case("limit", lambda: lines(gymnasium()), ("+limit=2", "+num_repeats=2"), RELAY_CASE),
+    Case("mixed_dataset", lambda: lines([r for pair in zip(weather(SIMPLE_AGENT), gymnasium(), strict=True)
+                                         for r in pair]), ("+num_repeats=2",), RELAY_CASE),
+    Case("single_agent_turn", lambda: lines(weather()), (f"+agent_name={SESSION_AGENT}",), SESSION_CASE),
+    Case("agent_name_overrides_rows", lambda: lines(weather(SESSION_AGENT)), (f"+agent_name={SIMPLE_AGENT}",), {
+        **RELAY_CASE,
+        "rollouts": "agent_name only fills rows without agent_ref here, so rows stay on their own "
+                    f"{SESSION_AGENT} (agent_ref keeps its 'type'); 0.7 overrides every row to {SIMPLE_AGENT} "
+                    "(agent_ref {'name': ...}) with a warning",
+        "routing": f"/run goes to {SESSION_AGENT} (the rows' own agent); 0.7 sends all 5 to {SIMPLE_AGENT}'s "
+                   "legacy_agent relay"}),
+    Case("task_source_rows", task_source_rows, (), dict.fromkeys(
+        CHECKS, "rows with task_source and no agent_ref are refused (exit 2: 'the row has no agent_ref.name and "
+                "agent_name is not set'); 0.7 resolves task_source: an agent to itself, a resources server to its "
+                "unique agent")),
+    Case("environment_server_name", lambda: lines(weather(SESSION_AGENT)),
+         ("+environment_routing_mode=legacy", f"+environment_server_name={SINGLE_AGENT_TURN}"),
+         refused("environment_routing_mode")),
+    Case("failing_environment", weather_failing, (f"+agent_name={SIMPLE_AGENT}", "+num_samples_in_parallel=1"),
+         {"rollouts": RETRIED.format(runs=10), "fields": STAMPS,
+          "routing": RETRIED.format(runs=10) + ", all on the agent (0.7: relay and agent 6 each)",
+          "materialized_inputs": MATERIALIZED},
+         skip={"failures": "0.7's default ends the run at the first failed /run and records nothing; the tool's "
+                           "documented default records the failure and goes on"}),
+    Case("failing_single_agent_turn", weather_failing, (f"+agent_name={SESSION_AGENT}", "+num_samples_in_parallel=1"),
+         {**SESSION_CASE,
+          "rollouts": "exit 3 where 0.7 exits 0 (the environment server answers a handled failure, not an error), "
+                      "and " + RETRIED.format(runs=10).removeprefix("the tool "),
+          "failures": "0.7's record is the environment server's handled failure: _ng_failure_class="
+                      "'environment_server_failed', _ng_failure_terminal=false, _ng_failure_message, "
+                      "_ng_failure_stage='agent', agent_ref, the indices and the stamps; the tool's has error_class, "
+                      "status, message, attempts, permanent, elapsed_s, failed_at"}),
+    Case("route_failures_to_sidecar_true", weather_failing,
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true"), refused("route_failures_to_sidecar")),
+    Case("route_failures_to_sidecar_false", weather_failing,
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=false", "+num_samples_in_parallel=1"),
+         refused("route_failures_to_sidecar")),
+    Case("caller_indices_and_duplicates", caller_indices_and_duplicates,
+         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2"),
+         {**RELAY_CASE,
+          "rollouts": "a caller's _ng_task_index is overwritten with the line index and identical lines get tasks "
+                      "of their own: the tool's pairs are (0..5, 0..1); 0.7's are (40,0-3) (rows stamped 40 share "
+                      "the task), (41,0-1), (0,0-3) for the duplicated line, (1,0-1)"}),
+    Case("num_repeats_add_seed", lambda: lines(weather()),
+         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2", "+num_repeats_add_seed=true"),
+         refused("num_repeats_add_seed")),
+    Case("prompt_config", prompt_rows, ("+prompt_config={prompt}",), refused("prompt_config")),
+    Case("limit_zero", lambda: lines(gymnasium()), ("+limit=0",),
+         {**dict.fromkeys(("rollouts", "fields", "routing"),
+                          "limit=0 collects nothing here (exit 0, no rollouts); 0.7 reads 0 as no limit (5 rollouts)"),
+          **FILES}),
+    Case("head_server_port_key", lambda: lines(gymnasium()), ("+head_server.port={head_port}",),
+         refused("head_server.port")),
+    Case("disable_aggregation", lambda: lines(gymnasium()), ("+disable_aggregation=true",),
+         refused("disable_aggregation")),
+    Case("count_failure_classes_as_zero", weather_failing,
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true",
+          "+count_failure_classes_as_zero=[agent_run_error]"), refused("route_failures_to_sidecar")),
+    Case("count_missing_rollouts_as_zero", weather_failing,
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true", "+count_missing_rollouts_as_zero=true"),
+         refused("route_failures_to_sidecar")),
+)
+
+
+def _params() -> list[Any]:
+    params = []
+    for case in CASES:
+        for check in CHECKS:
+            marks = [pytest.mark.xfail(strict=True, reason=case.xfail[check])] if check in case.xfail else []
+            params.append(pytest.param(case, check, id=f"{case.name}-{check}", marks=marks))
+    return params
+
+
+@pytest.fixture(scope="package")
+def runs() -> dict[str, tuple[CollectorRun, CollectorRun]]:
+    """Both collectors' runs per case, made once by the first check of the case that needs them."""
+    return {}
+
+
+def run_case(case: Case, stack: NemoGymStack, stub: StubModel, base: Path) -> tuple[CollectorRun, CollectorRun]:
+    """Write the case's input (and prompt file), then run NeMo Gym's collector and the tool on it."""
+    case_dir = base / case.name
+    case_dir.mkdir(parents=True, exist_ok=True)
+    source = case_dir / "input.jsonl"
+    source.write_bytes(case.build())
+    prompt = case_dir / "prompt.yaml"
+    prompt.write_text(PROMPT_YAML)
+    args = [f"+input_jsonl_fpath={source}",
+            *(a.format(prompt=prompt, head_port=stack.head_port) for a in case.args)]
+    return run_nemo(stack, stub, case_dir / "nemo", args), run_tool(stack, stub, case_dir / "tool", args)
+
+
+@pytest.mark.parametrize(("case", "check"), _params())
+def test_case(case: Case, check: str, stack: NemoGymStack, stub: StubModel,
+              runs: dict[str, tuple[CollectorRun, CollectorRun]], tmp_path_factory: pytest.TempPathFactory) -> None:
+    if check in case.skip:
+        pytest.skip(case.skip[check])
+    if case.name not in runs:
+        runs[case.name] = run_case(case, stack, stub, tmp_path_factory.mktemp("conformance"))
+    nemo, tool = runs[case.name]
+    assert nemo.returncode == 0 or case.name.startswith(("failing", "route_failures_to_sidecar_false")), \
+        nemo.describe()
+    diffs = CHECKS[check](nemo, tool)
+    report({"case": case.name, "check": check, "diffs": diffs, "nemo_s": round(nemo.elapsed_s, 2),
+            "tool_s": round(tool.elapsed_s, 2), "nemo_exit": nemo.returncode, "tool_exit": tool.returncode,
+            "nemo_runs": nemo.run_counts, "tool_runs": tool.run_counts, "nemo_aggregates": nemo.aggregate_counts,
+            "tool_aggregates": tool.aggregate_counts})
+    assert diffs == [], "\n".join([*diffs, tool.describe()])
+
+
+# Resume across the tools. The first run leaves one rollout failed (the stub rejects the marked row, and
+# route_failures_to_sidecar keeps NeMo Gym going), the stub then heals, and the second run resumes in the same
+# directory. The reference is NeMo Gym resuming its own output; the tool's first run gets its default failure
+# handling instead of route_failures_to_sidecar (which it does not accept yet), so that the interoperation itself is
+# what these tests observe.
+RESUME_FIRST = (f"+agent_name={SIMPLE_AGENT}", "+num_samples_in_parallel=1")
+RESUME_SECOND = (f"+agent_name={SIMPLE_AGENT}", "+num_samples_in_parallel=1", "+resume_from_cache=true")
+
+
+def _resume(first: Callable[..., CollectorRun], second: Callable[..., CollectorRun], first_extra: tuple[str, ...],
+            stack: NemoGymStack, stub: StubModel, workdir: Path, source: Path) -> CollectorRun:
+    args = [f"+input_jsonl_fpath={source}"]
+    stub.fail_marked = True
+    try:
+        first(stack, stub, workdir, [*args, *RESUME_FIRST, *first_extra])
+    finally:
+        stub.fail_marked = False
+    try:
+        return second(stack, stub, workdir, [*args, *RESUME_SECOND])
+    finally:
+        stub.fail_marked = True
+
+
+@pytest.fixture(scope="package")
+def nemo_resumed(stack: NemoGymStack, stub: StubModel, tmp_path_factory: pytest.TempPathFactory) -> CollectorRun:
+    """NeMo Gym resuming NeMo Gym: the reference for both directions."""
+    base = tmp_path_factory.mktemp("resume_reference")
+    source = base / "input.jsonl"
+    source.write_bytes(weather_failing())
+    return _resume(run_nemo, run_nemo, ("+route_failures_to_sidecar=true",), stack, stub, base / "run", source)
+
+
+RESUME_XFAIL = {
+    "tool_resumes_nemo": "the tool redoes the failed rollout without _ng_attempt_index=1 (0.7 sends the count of "
+                         "prior attempts), deletes 0.7's failures file (its agent_run_error record of the first "
+                         "attempt is lost) and leaves 0.7's stale _aggregate_metrics.json (5 rollouts) in place",
+    "nemo_resumes_tool": "0.7 finds no <stem>_materialized_inputs.jsonl beside the tool's output, starts fresh, "
+                         "deletes the tool's 5 rollouts and its failure record and runs all 6 again (12 model calls "
+                         "instead of 2); the history of the first attempt is lost",
+}
+
+
+@pytest.mark.parametrize("direction", [pytest.param(d, marks=pytest.mark.xfail(strict=True, reason=r))
+                                       for d, r in RESUME_XFAIL.items()])
+def test_resume_across_tools(direction: str, stack: NemoGymStack, stub: StubModel, nemo_resumed: CollectorRun,
+                             tmp_path_factory: pytest.TempPathFactory) -> None:
+    base = tmp_path_factory.mktemp(direction)
+    source = base / "input.jsonl"
+    source.write_bytes(weather_failing())
+    started = time.monotonic()
+    if direction == "tool_resumes_nemo":
+        final = _resume(run_nemo, run_tool, ("+route_failures_to_sidecar=true",), stack, stub, base / "run", source)
+    else:
+        final = _resume(run_tool, run_nemo, (), stack, stub, base / "run", source)
+    diffs = [*check_rollouts(nemo_resumed, final), *check_failures(nemo_resumed, final),
+             *check_materialized_inputs(nemo_resumed, final), *check_aggregate_metrics(nemo_resumed, final)]
+    report({"case": f"resume_{direction}", "check": "resume", "diffs": diffs,
+            "elapsed_s": round(time.monotonic() - started, 2), "final_exit": final.returncode})
+    assert diffs == [], "\n".join([*diffs, final.describe()])
