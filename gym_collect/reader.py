@@ -56,6 +56,7 @@ class RolloutRequest:
     agent_ref: dict[str, Any] | None
     body: bytes
     error: str | None = None
+    stamps: dict[str, Any] | None = None  # fields of the row set on its result (NeMo Gym's task_source...)
 
     @property
     def agent_name(self) -> str:
@@ -346,8 +347,9 @@ def iter_requests(
             continue
         if indexer is not None:
             indexer.add_rollouts(task, builder.rollouts(builder.router.key(row.data, rows.location(row))))
+        stamps = builder.result_stamps(row.data) or None
         for r, _agent, ref, body in builder.build(row.data, task, rows.location(row), partial(is_done, task), first):
-            yield RolloutRequest(seq, task, r, ref, body)
+            yield RolloutRequest(seq, task, r, ref, body, stamps=stamps)
             seq += 1
 
 

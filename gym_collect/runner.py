@@ -210,6 +210,8 @@ class Runner:
         if request.agent_ref is not None:
             answer[AGENT_REF_KEY] = request.agent_ref
         answer.update(self.result_fields.get(request.agent_name, ()))
+        if request.stamps:
+            answer.update(request.stamps)
         self.writer.finish(request, rollout_line(answer))
         self.metrics.add_success(request.agent_name, latency_s, answer)
 

@@ -24,6 +24,7 @@ import yaml
 from gym_collect.errors import ConfigError, InputError
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, RouteKey, RowRouter
 
+RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_rollout_id")  # copied from the row onto its results
 TASK_INDEX_KEY = "_ng_task_index"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
 RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
@@ -135,6 +136,11 @@ class RequestBuilder:
                 if not skip(rollout):
                     yield rollout, agent, ref, self._body(row, ref, rollout)
                 rollout += 1
+
+    @staticmethod
+    def result_stamps(row: Mapping[str, Any]) -> dict[str, Any]:
+        """The row's fields NeMo Gym 0.7 sets on each of its results (`rollout_collection.py:2597-2612`)."""
+        return {key: row[key] for key in RESULT_STAMP_KEYS if key in row}
 
     def _body(self, row: dict[str, Any], ref: dict[str, Any] | None, rollout: int) -> bytes:
         row[ROLLOUT_INDEX_KEY] = rollout
