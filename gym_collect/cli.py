@@ -1,19 +1,24 @@
-"""The Hydra entry point of `collect_rollouts`; the only module that sees a `DictConfig`.
+"""The Hydra entry points of `collect_rollouts` and `tune_parallelism`; with `sweep.py`, the only modules that
+see a `DictConfig`.
 
-Before Hydra parses the command line, every override is checked against the schema: a misspelled key is an
-error naming it and the closest valid key (NeMo Gym silently ignores it), and NeMo Gym's `+key=value`
-spelling is accepted for every key (rewritten to Hydra's add-or-override `++key=value`).
+Before Hydra parses the command line, `gym_collect.overrides` checks every key (a misspelled one is an
+error naming the closest valid key; Hydra's flags, config groups and `hydra.*` keys pass) and moves literal
+secrets into environment variables. The primary config `collect_rollouts` is the schema plus Hydra settings:
+`hydra.job.name` (the name of log files and Slurm jobs) and the `gym_collect.sweep.SweepCallback` callback,
+which brings each job's exit code back from any launcher and merges shard sweeps.
 """
 
 from __future__ import annotations
 
 import asyncio
-import difflib
+import io
 import logging
-import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -21,49 +26,30 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from gym_collect.collect import collect
-from gym_collect.config import CollectConfig, config_keys, open_keys
+from gym_collect.config import CollectConfig
 from gym_collect.errors import ConfigError, GymCollectError
+from gym_collect.overrides import (
+    HYDRA_COMPLETION_FLAGS,
+    REDACTED,
+    HiddenSecrets,
+    hide_secrets,
+    normalize_overrides,
+)
+from gym_collect.sweep import Sweep
+
+__all__ = ["CONFIG_NAME", "hydra_command", "main", "normalize_overrides", "to_config"]
 
 log = logging.getLogger("gym_collect")
 
 CONFIG_NAME = "collect_rollouts"
-HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                          "--config-dir", "-cd", "--experimental-rerun"}
-OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<rest>=.*)?$", re.DOTALL)
-REDACTED = "<redacted>"
+SCHEMA_NAME = "collect_rollouts_schema"
+SWEEP_CALLBACK = "gym_collect.sweep.SweepCallback"
 
-ConfigStore.instance().store(name=CONFIG_NAME, node=CollectConfig)
-
-
-def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> list[str]:
-    """Check each `key=value` override against the schema and accept NeMo Gym's `+key=value`.
-
-    Returns the arguments with `+key` rewritten to `++key`; Hydra flags and `hydra.*` keys pass through.
-    Raises `ConfigError` naming an unknown key and the closest valid one.
-    """
-    valid = config_keys(schema)
-    open_ = open_keys(schema)
-    out: list[str] = []
-    skip_next = False
-    for arg in args:
-        if skip_next or arg.startswith("-"):
-            skip_next = arg in HYDRA_FLAGS_WITH_VALUE
-            out.append(arg)
-            continue
-        match = OVERRIDE.match(arg)
-        if match is None:
-            out.append(arg)
-            continue
-        key = match["key"]
-        top = key.split(".", 1)[0]
-        if top != "hydra" and key not in valid and top not in open_:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
-            raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
-        if match["prefix"] == "+" or (match["prefix"] == "" and top in open_ and key != top):
-            arg = "++" + arg.lstrip("+")  # add-or-override: valid whether or not the key exists yet
-        out.append(arg)
-    return out
+ConfigStore.instance().store(name=SCHEMA_NAME, node=CollectConfig)
+ConfigStore.instance().store(name=CONFIG_NAME, node={
+    "defaults": [SCHEMA_NAME, "_self_"],
+    "hydra": {"job": {"name": CONFIG_NAME}, "callbacks": {"gym_collect": {"_target_": SWEEP_CALLBACK}}},
+})
 
 
 def to_config(cfg: DictConfig) -> CollectConfig:
@@ -82,9 +68,11 @@ def to_config(cfg: DictConfig) -> CollectConfig:
 
 
 def redact_saved_config(cfg: DictConfig) -> None:
-    """Replace literal `headers` values in Hydra's saved `.hydra/*.yaml` with `<redacted>`.
+    """Replace literal secrets in Hydra's saved `.hydra/*.yaml` of this job with `<redacted>`: `headers`
+    values and URL userinfo (`agent_url`, `head_server_url`, `agents`) written literally in a config file.
 
-    Interpolations such as `${oc.env:AGENT_TOKEN}` are saved unresolved by Hydra and are left alone.
+    Secrets given on the command line never get there (see `gym_collect.overrides`); interpolations such as
+    `${oc.env:AGENT_TOKEN}` are saved unresolved by Hydra and are left alone.
     """
     try:
         hydra_cfg = HydraConfig.get()
@@ -92,8 +80,7 @@ def redact_saved_config(cfg: DictConfig) -> None:
         return
     if hydra_cfg.output_subdir is None:
         return
-    secrets = [v for v in OmegaConf.to_container(cfg.headers, resolve=False).values()  # type: ignore[union-attr]
-               if isinstance(v, str) and v and "${" not in v]
+    secrets = _literal_secrets(cfg)
     if not secrets:
         return
     folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
@@ -106,29 +93,101 @@ def redact_saved_config(cfg: DictConfig) -> None:
             path.write_text(redacted)
 
 
+def _literal_secrets(cfg: DictConfig) -> list[str]:
+    raw: Any = OmegaConf.to_container(cfg, resolve=False)
+    headers = raw.get("headers") or {}
+    secrets = [v for v in headers.values() if isinstance(v, str) and v and "${" not in v]
+    urls = [raw.get("agent_url"), raw.get("head_server_url"), *(raw.get("agents") or {}).values()]
+    for url in urls:
+        if isinstance(url, str) and "${" not in url:
+            userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+            if at and userinfo:
+                secrets.append(userinfo)
+    return secrets
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with every secret replaced by `<redacted>` (console lines of
+    this process: `--cfg ... --resolve`, Hydra's error reports, logging handlers made while it is set)."""
+
+    def __init__(self, stream: TextIO, hidden: HiddenSecrets) -> None:
+        super().__init__()
+        self._stream, self._hidden = stream, hidden
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._hidden.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+@contextmanager
+def _redacted_console(hidden: HiddenSecrets) -> Iterator[None]:
+    if not hidden.values:
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _RedactingStream(saved[0], hidden)
+    sys.stderr = _RedactingStream(saved[1], hidden)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
-    """A console entry point that checks the overrides, lets Hydra compose the config, runs
-    `job(typed_config)` for each job (several with `-m`), and exits with the highest exit code; a
-    `GymCollectError` becomes one logged line and its exit code."""
+    """A console entry point: check the overrides, hide literal secrets, let Hydra compose the config and
+    run `job(typed_config)` for each job (several with `-m`, under any Hydra launcher), and exit with the
+    highest exit code (from `gym_collect.sweep` for a multirun); a `GymCollectError` becomes one logged line
+    and its exit code. `prog` is also `hydra.job.name`."""
     codes: list[int] = []
 
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> int:
         redact_saved_config(cfg)
         try:
-            codes.append(job(to_config(cfg)))
+            code = job(to_config(cfg))
         except GymCollectError as exc:
             log.error("%s", exc)
-            codes.append(exc.exit_code)
+            code = exc.exit_code
+        codes.append(code)
+        return code  # Hydra's JobReturn.return_value: what a sweeper sees
 
     def entry_point() -> None:
         try:
             args = normalize_overrides(sys.argv[1:])
+            hidden = hide_secrets(args)
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        sys.argv = [sys.argv[0], *args]
-        hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
-        sys.exit(max(codes, default=0))
+        hidden.export()
+        completion = any(a in HYDRA_COMPLETION_FLAGS for a in args)
+        named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
+        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args]
+        Sweep.current = None
+        hydra_exit = 0
+        with _redacted_console(hidden):
+            try:
+                hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+            except SystemExit as exc:  # Hydra's own exits: errors it reports (1), --help (0)
+                hydra_exit = exc.code if isinstance(exc.code, int) else 1
+            sweep = Sweep.current
+            if sweep is not None:
+                code = sweep.finish(launcher_failed=hydra_exit != 0)
+                code = max(code, 1) if hydra_exit else code
+            else:
+                code = max([*codes, hydra_exit])
+        sys.exit(code)
 
     return entry_point
 
