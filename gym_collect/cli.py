@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,9 @@ from urllib.parse import urlsplit
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gym_collect.collect import collect
 from gym_collect.config import CollectConfig
@@ -176,11 +179,21 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args]
         Sweep.current = None
         hydra_exit = 0
+        full_error = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a trace: reported below
         with _redacted_console(hidden):
             try:
                 hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
-            except SystemExit as exc:  # Hydra's own exits: errors it reports (1), --help (0)
+            except SystemExit as exc:  # Hydra's own exits (--help: 0)
                 hydra_exit = exc.code if isinstance(exc.code, int) else 1
+            except Exception as exc:  # composition errors, a launcher that lost a job, an unexpected error
+                if full_error == "1":
+                    raise
+                usage = isinstance(exc, ValueError) and "can be specified" in str(exc)  # "Only one of --run..."
+                print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+                hydra_exit = ConfigError.exit_code if usage else 1
+            finally:
+                _restore_env("HYDRA_FULL_ERROR", full_error)
             sweep = Sweep.current
             if sweep is not None:
                 code = sweep.finish(launcher_failed=hydra_exit != 0)
@@ -190,6 +203,26 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         sys.exit(code)
 
     return entry_point
+
+
+def _one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's own messages as they are (they say what to change); anything else as its
+    type and first line."""
+    if isinstance(exc, HydraException | OmegaConfBaseException):
+        cause = exc.__cause__
+        detail = f": {(str(cause).strip().splitlines() or [''])[0]}" if cause is not None else ""
+        return str(exc).strip() + detail
+    if isinstance(exc, ValueError) and "can be specified" in str(exc):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first} (HYDRA_FULL_ERROR=1 shows the stack trace)"
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def _collect_job(cfg: CollectConfig) -> int:

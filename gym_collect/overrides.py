@@ -176,7 +176,8 @@ def hide_secrets(args: Sequence[str], environ: Mapping[str, str] = os.environ) -
         try:
             override = parser.parse_override(arg)
         except Exception as exc:  # Hydra's OverrideParseException; Hydra reports it again, unredacted
-            raise ConfigError(f"cannot parse the override of {match['key']!r}: {type(exc).__name__}") from None
+            raise ConfigError(f"cannot parse the value of {match['key']!r} ({type(exc).__name__}): quote it, "
+                              f"as in '{match['key']}=\"...\"'") from None
         if override.is_sweep_override() or override.is_delete():
             if top in SECRET_KEYS:
                 raise ConfigError(f"{match['key']}: a header value is one string; quote a value that has "
