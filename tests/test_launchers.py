@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import signal
 import socket
 import subprocess
@@ -36,19 +37,29 @@ URL_USER, URL_PASSWORD = "collector", "pw-51d0e8b2"
 RAY_ARGS = ("hydra/launcher=ray", "+hydra.launcher.ray.init.include_dashboard=false",
             "+hydra.launcher.ray.init._node_ip_address=127.0.0.1", "+hydra.launcher.ray.init.num_cpus=2",
             "+hydra.launcher.ray.remote.max_retries=0")
+FAKE_SLURM = REPO / "tests" / "fake_slurm"  # sbatch, srun, sacct, ... that run jobs on this machine
 LAUNCHERS = {
     "basic": (),
+    "slurm": ("hydra/launcher=submitit_slurm", "hydra.launcher.partition=cpu", "hydra.launcher.timeout_min=10"),
     "submitit_local": ("hydra/launcher=submitit_local", "hydra.launcher.timeout_min=5"),
     "joblib": ("hydra/launcher=joblib", "hydra.launcher.n_jobs=2"),
     "ray": RAY_ARGS,
 }
-FAST = [pytest.param(name) for name in ("basic", "submitit_local", "joblib")]
+FAST = [pytest.param(name) for name in ("basic", "submitit_local", "joblib", "slurm")]
 ALL = [*FAST, pytest.param("ray", marks=pytest.mark.ray)]
+
+
+def fake_slurm_env(env: dict[str, str], state: Path) -> dict[str, str]:
+    """`env` with the fake Slurm commands first on PATH, keeping their state in `state`."""
+    return {**env, "PATH": f"{FAKE_SLURM}{os.pathsep}{env['PATH']}", "FAKE_SLURM_STATE": str(state)}
 
 
 def sweep(cwd: Path, env: dict[str, str], launcher: str, *args: str,
           timeout_s: float = 240) -> subprocess.CompletedProcess[str]:
-    """Run one shard sweep of `in.jsonl` into `out/r.jsonl` and return the finished process."""
+    """Run one shard sweep of `in.jsonl` into `out/r.jsonl` and return the finished process (under
+    `slurm`, through the fake Slurm commands)."""
+    if launcher == "slurm":
+        env = fake_slurm_env(env, cwd / "slurm_state")
     cmd = [COLLECT, "-m", *LAUNCHERS[launcher], f"num_shards={SHARDS}", f"shard_id=range({SHARDS})",
            "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out/r.jsonl", f"num_repeats={REPEATS}",
            "progress=false", "connect_timeout_s=2", "backoff_initial_s=0.01", "backoff_max_s=0.05", *args]
