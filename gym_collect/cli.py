@@ -14,10 +14,12 @@ import asyncio
 import io
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any, TextIO
 from urllib.parse import urlsplit
 
@@ -28,7 +30,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gym_collect.collect import collect
+from gym_collect.collect import EXIT_INTERRUPTED, collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import ConfigError, GymCollectError
 from gym_collect.overrides import (
@@ -225,8 +227,45 @@ def _restore_env(name: str, value: str | None) -> None:
         os.environ[name] = value
 
 
+@contextmanager
+def _drain_before_requeue() -> Iterator[list[int]]:
+    """Under submitit on Slurm, turn its pre-timeout signal (USR2, `signal_delay_s` before the time limit)
+    into a clean stop, and requeue only after it.
+
+    submitit's USR2 handler (submitit/core/job_environment.py, `SignalHandler.checkpoint_and_try_requeue`)
+    requeues the job and exits at once, wherever the collection is. Here USR2 becomes a SIGTERM to this
+    process (dispatch stops, in-flight rollouts get `shutdown_grace_s`, the metrics are written), and
+    submitit's handler runs when the collection has ended with rollouts left to do. Yields the list that
+    receives the signal number (empty when none came). Elsewhere (no submitit, or not on Slurm) it does
+    nothing.
+    """
+    received: list[int] = []
+    original = signal.getsignal(signal.SIGUSR2)
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not callable(original):
+        yield received
+        return
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        log.warning("Slurm's time limit is near (%s): stopping cleanly, then requeueing",
+                    signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
 def _collect_job(cfg: CollectConfig) -> int:
-    return asyncio.run(collect(cfg, handle_signals=True)).exit_code
+    with _drain_before_requeue() as received:
+        code = asyncio.run(collect(cfg, handle_signals=True)).exit_code
+    if received and code == EXIT_INTERRUPTED:
+        handler = signal.getsignal(signal.SIGUSR2)
+        if callable(handler):
+            handler(received[0], None)  # submitit: requeue this job (resume=true continues it), then exit
+    return code
 
 
 main = hydra_command("collect_rollouts", _collect_job)

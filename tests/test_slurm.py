@@ -5,12 +5,25 @@ from __future__ import annotations
 
 import fcntl
 import json
+import signal
 import subprocess
+import sys
 from pathlib import Path
+
+import orjson
 
 from gym_collect.sim_agent import SimAgentConfig, SimAgentThread
 from tests.conftest import REPO, make_rows, pairs, read_jsonl, write_rows
-from tests.test_launchers import ALL_PAIRS, COLLECT, REPEATS, ROWS, SHARDS, closed_port, fake_slurm_env
+from tests.test_launchers import (
+    ALL_PAIRS,
+    COLLECT,
+    REPEATS,
+    ROWS,
+    SHARDS,
+    HoldingAgent,
+    closed_port,
+    fake_slurm_env,
+)
 
 SUBMIT = REPO / "scripts" / "slurm_submit.sh"
 
@@ -81,3 +94,44 @@ def test_a_failed_array_task_leaves_the_merge_unrun(tmp_path: Path, clean_env: d
     assert not (tmp_path / "out" / "r.jsonl").exists()
     log = (state / f"slurm-{array['job_id']}_1.out").read_text()
     assert "unreachable" in log and "Traceback" not in log
+
+
+SUBMITIT_LIKE_JOB = """
+import signal, sys
+from pathlib import Path
+marker = Path(sys.argv[1])
+def requeue(signum, frame):  # what submitit's USR2 handler does: scontrol requeue, then exit
+    marker.write_text("requeued")
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, requeue)
+sys.argv = ["collect_rollouts", *sys.argv[2:]]
+from gym_collect.cli import main
+main()
+"""
+
+
+def test_time_limit_signal_drains_then_requeues_and_the_requeued_job_resumes(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
+    marker = tmp_path / "requeued"
+    args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", "agent_name=sim_agent",
+            f"num_repeats={REPEATS}", "num_samples_in_parallel=2", "progress=false", "resume=true",
+            "shutdown_grace_s=0.2"]
+    env = {**clean_env, "SUBMITIT_EXECUTOR": "slurm"}
+    with HoldingAgent(hold={25}) as agent:
+        job = subprocess.Popen([sys.executable, "-c", SUBMITIT_LIKE_JOB, str(marker), *args, f"agent_url={agent.url}"],
+                               cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert agent.held.wait(60), "the job never reached task 25"
+        job.send_signal(signal.SIGUSR2)
+        out, _ = job.communicate(timeout=60)
+        assert job.returncode == 255, out  # submitit's sys.exit(-1) after requeueing
+        assert marker.read_text() == "requeued"
+        assert "stopping cleanly, then requeueing" in out and "Traceback" not in out
+        metrics = orjson.loads((tmp_path / "out_metrics.json").read_bytes())  # written: a clean stop
+        assert metrics["rollouts"]["succeeded"] == len(read_jsonl(tmp_path / "out.jsonl")) < ROWS * REPEATS
+        agent.hold.clear()
+        requeued = subprocess.run([COLLECT, *args, f"agent_url={agent.url}"], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=120)
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == ALL_PAIRS
