@@ -10,13 +10,12 @@ which brings each job's exit code back from any launcher and merges shard sweeps
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -30,19 +29,21 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from gym_collect.collect import EXIT_INTERRUPTED, collect
+from gym_collect.collect import run_collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import ConfigError, GymCollectError
 from gym_collect.overrides import (
     HYDRA_COMPLETION_FLAGS,
-    REDACTED,
+    OVERRIDE,
     HiddenSecrets,
     hide_secrets,
     normalize_overrides,
 )
+from gym_collect.redact import REDACTED
+from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers
 from gym_collect.sweep import Sweep
 
-__all__ = ["CONFIG_NAME", "hydra_command", "main", "normalize_overrides", "to_config"]
+__all__ = ["CONFIG_NAME", "dry_run_overrides", "hydra_command", "main", "normalize_overrides", "to_config"]
 
 log = logging.getLogger("gym_collect")
 
@@ -55,6 +56,16 @@ ConfigStore.instance().store(name=CONFIG_NAME, node={
     "defaults": [SCHEMA_NAME, "_self_"],
     "hydra": {"job": {"name": CONFIG_NAME}, "callbacks": {"gym_collect": {"_target_": SWEEP_CALLBACK}}},
 })
+
+
+def dry_run_overrides(args: Sequence[str]) -> list[str]:
+    """With `dry_run=true`, Hydra's overrides that keep it from writing a run folder, saved configs or a log
+    file (a dry run writes nothing)."""
+    for arg in args:
+        match = OVERRIDE.match(arg)
+        if match and match["key"] == "dry_run" and (match["rest"] or "").lower() in ("=true", "=1", "=yes"):
+            return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
+    return []
 
 
 def to_config(cfg: DictConfig) -> CollectConfig:
@@ -169,6 +180,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         return code  # Hydra's JobReturn.return_value: what a sweeper sees
 
     def entry_point() -> None:
+        install_process_handlers()
         try:
             args = normalize_overrides(sys.argv[1:])
             hidden = hide_secrets(args)
@@ -178,9 +190,11 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         hidden.export()
         completion = any(a in HYDRA_COMPLETION_FLAGS for a in args)
         named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
-        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args]
+        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args,
+                    *dry_run_overrides(args)]
         Sweep.current = None
         hydra_exit = 0
+        interrupted = False
         full_error = os.environ.get("HYDRA_FULL_ERROR")
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a trace: reported below
         with _redacted_console(hidden):
@@ -188,6 +202,10 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
                 hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
             except SystemExit as exc:  # Hydra's own exits (--help: 0)
                 hydra_exit = exc.code if isinstance(exc.code, int) else 1
+            except KeyboardInterrupt as exc:  # a signal outside a job's own handling
+                interrupted, hydra_exit = True, EXIT_INTERRUPTED
+                if not codes and Sweep.current is None:
+                    print(f"{prog}: interrupted ({exc or 'SIGINT'}) before the run started", file=sys.stderr)
             except Exception as exc:  # composition errors, a launcher that lost a job, an unexpected error
                 if full_error == "1":
                     raise
@@ -198,8 +216,12 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
                 _restore_env("HYDRA_FULL_ERROR", full_error)
             sweep = Sweep.current
             if sweep is not None:
+                ended = sweep.code is not None  # on_multirun_end ran: every job had returned
                 code = sweep.finish(launcher_failed=hydra_exit != 0)
-                code = max(code, 1) if hydra_exit else code
+                if hydra_exit and not ended:
+                    code = max(code, hydra_exit if interrupted else 1)
+            elif interrupted and codes:  # a signal after the run ended does not change its exit code
+                code = max(codes)
             else:
                 code = max([*codes, hydra_exit])
         sys.exit(code)
@@ -260,7 +282,7 @@ def _drain_before_requeue() -> Iterator[list[int]]:
 
 def _collect_job(cfg: CollectConfig) -> int:
     with _drain_before_requeue() as received:
-        code = asyncio.run(collect(cfg, handle_signals=True)).exit_code
+        code = run_collect(cfg)
     if received and code == EXIT_INTERRUPTED:
         handler = signal.getsignal(signal.SIGUSR2)
         if callable(handler):

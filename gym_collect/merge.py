@@ -38,10 +38,9 @@ from gym_collect.reader import count_rows
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
 from gym_collect.writer import OutputPaths
+from gym_collect.writer.outputs import MANIFEST_SCHEMA
 
 __all__ = ["MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts", "plan_from_manifests"]
-
-MANIFEST_SCHEMA = "gym_collect.run/1"  # as written by gym_collect.resume
 
 log = logging.getLogger(__name__)
 

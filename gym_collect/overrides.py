@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 
 from gym_collect.config import CollectConfig, config_keys, open_keys
 from gym_collect.errors import ConfigError
+from gym_collect.redact import Redactor
 
 HYDRA_FLAGS_WITH_VALUE = frozenset({
     "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
@@ -42,7 +43,6 @@ OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<re
 SECRET_ENV_PREFIX = "GYM_COLLECT_SECRET_"
 SECRET_KEYS = ("headers",)
 URL_KEYS = ("agent_url", "head_server_url", "agents")
-REDACTED = "<redacted>"
 
 
 def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> list[str]:
@@ -130,11 +130,13 @@ class HiddenSecrets:
     """The command line with its literal secrets replaced by `${oc.env:...}` references.
 
     `args`: the rewritten command line; `env`: the variables to set (name -> secret); `values`: every
-    secret value, for redacting console output (`--cfg job --resolve` prints resolved values)."""
+    secret value, for redacting console output (`--cfg job --resolve` prints resolved values).
+    """
 
     args: list[str]
     env: dict[str, str] = field(default_factory=dict)
     values: list[str] = field(default_factory=list)
+    _redactor: Redactor | None = field(default=None, repr=False, compare=False)
 
     def export(self, environ: dict[str, str] | os._Environ[str] = os.environ) -> None:
         """Set the variables in `environ` (this process's environment, inherited by every job it starts)."""
@@ -142,10 +144,11 @@ class HiddenSecrets:
             environ[name] = value
 
     def redact(self, text: str) -> str:
-        """`text` with every secret value replaced by `<redacted>`."""
-        for value in sorted(self.values, key=len, reverse=True):
-            text = text.replace(value, REDACTED)
-        return text
+        """`text` with every secret value replaced by `<redacted>` (as given, JSON-escaped, percent-encoded, and
+        each long enough word of it: `gym_collect.redact.Redactor`)."""
+        if self._redactor is None:
+            self._redactor = Redactor(self.values)
+        return self._redactor(text)
 
 
 def hide_secrets(args: Sequence[str], environ: Mapping[str, str] = os.environ) -> HiddenSecrets:
