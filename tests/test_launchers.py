@@ -197,11 +197,18 @@ def process_with_client_port(root: psutil.Process, port: int) -> psutil.Process:
     raise AssertionError(f"no process under {root.pid} has a connection from port {port}")
 
 
-def test_killed_shard_then_rerun_merges_every_rollout_once(tmp_path: Path, clean_env: dict[str, str]) -> None:
+@pytest.mark.parametrize(("signum", "sweep_code", "shard_says"), [
+    (signal.SIGKILL, 1, "1 (no exit code)"),  # the job dies: submitit reports it lost, the sweep exits 1
+    (signal.SIGTERM, 130, "1 (exit 130)"),  # the job stops cleanly: its own code, exactly
+])
+def test_killed_shard_then_rerun_merges_every_rollout_once(
+    tmp_path: Path, clean_env: dict[str, str], signum: int, sweep_code: int, shard_says: str
+) -> None:
     write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
     cmd = [COLLECT, "-m", *LAUNCHERS["submitit_local"], f"num_shards={SHARDS}", f"shard_id=range({SHARDS})",
            "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out/r.jsonl", f"num_repeats={REPEATS}",
-           "progress=false", "agent_name=sim_agent", "num_samples_in_parallel=2", "resume=true"]
+           "progress=false", "agent_name=sim_agent", "num_samples_in_parallel=2", "resume=true",
+           "shutdown_grace_s=0.2"]
     with HoldingAgent(hold={15}) as agent:  # task 15 is in shard 1 (rows 10-19)
         first = subprocess.Popen([*cmd, f"agent_url={agent.url}"], cwd=tmp_path, env=clean_env, text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -209,17 +216,17 @@ def test_killed_shard_then_rerun_merges_every_rollout_once(tmp_path: Path, clean
             assert agent.held.wait(120), "shard 1 never reached task 15"
             victim = process_with_client_port(psutil.Process(first.pid), agent.held_ports[0])
             leftovers = [p for p in psutil.Process(first.pid).children(recursive=True) if p.pid != victim.pid]
-            victim.send_signal(signal.SIGKILL)
+            victim.send_signal(signum)
             out, _ = first.communicate(timeout=120)
         finally:
             if first.poll() is None:
                 first.kill()
                 first.wait()
         psutil.wait_procs(leftovers, timeout=120)  # jobs the aborted sweep left running end on their own
-        assert first.returncode == 1, out
+        assert first.returncode == sweep_code, out
         assert not (tmp_path / "out" / "r.jsonl").exists()
-        assert "Nothing merged" in out and "1 (no exit code)" in out and "resume=true" in out
-        assert "Traceback" not in out and "UncompletedJobError" in out
+        assert "Nothing merged" in out and f"shards {shard_says} of 4" in out and "resume=true" in out
+        assert "Traceback" not in out
         partial = read_jsonl(shard_files(tmp_path)[1])
         assert 0 < len(partial) < (ROWS // SHARDS) * REPEATS  # killed mid-run
         agent.hold.clear()
