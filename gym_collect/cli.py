@@ -1,69 +1,61 @@
-"""The Hydra entry point of `collect_rollouts`; the only module that sees a `DictConfig`.
+"""The Hydra entry points of `collect_rollouts` and `tune_parallelism`; with `sweep.py`, the only modules that
+see a `DictConfig`.
 
-Before Hydra parses the command line, every override is checked against the schema: a misspelled key is an
-error naming it and the closest valid key (NeMo Gym silently ignores it), and NeMo Gym's `+key=value`
-spelling is accepted for every key (rewritten to Hydra's add-or-override `++key=value`).
+Before Hydra parses the command line, `gym_collect.overrides` checks every key (a misspelled one is an
+error naming the closest valid key; Hydra's flags, config groups and `hydra.*` keys pass) and moves literal
+secrets into environment variables. The primary config `collect_rollouts` is the schema plus Hydra settings:
+`hydra.job.name` (the name of log files and Slurm jobs) and the `gym_collect.sweep.SweepCallback` callback,
+which brings each job's exit code back from any launcher and merges shard sweeps.
 """
 
 from __future__ import annotations
 
-import difflib
+import io
 import logging
-import re
+import os
+import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+from urllib.parse import urlsplit
 
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from gym_collect.collect import run_collect
-from gym_collect.config import CollectConfig, config_keys, open_keys
+from gym_collect.config import CollectConfig
 from gym_collect.errors import ConfigError, GymCollectError
+from gym_collect.overrides import (
+    HYDRA_COMPLETION_FLAGS,
+    OVERRIDE,
+    HiddenSecrets,
+    hide_secrets,
+    normalize_overrides,
+)
+from gym_collect.redact import REDACTED
 from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers
+from gym_collect.sweep import Sweep
+
+__all__ = ["CONFIG_NAME", "dry_run_overrides", "hydra_command", "main", "normalize_overrides", "to_config"]
 
 log = logging.getLogger("gym_collect")
 
 CONFIG_NAME = "collect_rollouts"
-HYDRA_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                          "--config-dir", "-cd", "--experimental-rerun"}
-OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<rest>=.*)?$", re.DOTALL)
-REDACTED = "<redacted>"
+SCHEMA_NAME = "collect_rollouts_schema"
+SWEEP_CALLBACK = "gym_collect.sweep.SweepCallback"
 
-ConfigStore.instance().store(name=CONFIG_NAME, node=CollectConfig)
-
-
-def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> list[str]:
-    """Check each `key=value` override against the schema and accept NeMo Gym's `+key=value`.
-
-    Returns the arguments with `+key` rewritten to `++key`; Hydra flags and `hydra.*` keys pass through.
-    Raises `ConfigError` naming an unknown key and the closest valid one.
-    """
-    valid = config_keys(schema)
-    open_ = open_keys(schema)
-    out: list[str] = []
-    skip_next = False
-    for arg in args:
-        if skip_next or arg.startswith("-"):
-            skip_next = arg in HYDRA_FLAGS_WITH_VALUE
-            out.append(arg)
-            continue
-        match = OVERRIDE.match(arg)
-        if match is None:
-            out.append(arg)
-            continue
-        key = match["key"]
-        top = key.split(".", 1)[0]
-        if top != "hydra" and key not in valid and top not in open_:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
-            raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
-        if match["prefix"] == "+" or (match["prefix"] == "" and top in open_ and key != top):
-            arg = "++" + arg.lstrip("+")  # add-or-override: valid whether or not the key exists yet
-        out.append(arg)
-    return out
+ConfigStore.instance().store(name=SCHEMA_NAME, node=CollectConfig)
+ConfigStore.instance().store(name=CONFIG_NAME, node={
+    "defaults": [SCHEMA_NAME, "_self_"],
+    "hydra": {"job": {"name": CONFIG_NAME}, "callbacks": {"gym_collect": {"_target_": SWEEP_CALLBACK}}},
+})
 
 
 def dry_run_overrides(args: Sequence[str]) -> list[str]:
@@ -92,9 +84,11 @@ def to_config(cfg: DictConfig) -> CollectConfig:
 
 
 def redact_saved_config(cfg: DictConfig) -> None:
-    """Replace literal `headers` values in Hydra's saved `.hydra/*.yaml` with `<redacted>`.
+    """Replace literal secrets in Hydra's saved `.hydra/*.yaml` of this job with `<redacted>`: `headers`
+    values and URL userinfo (`agent_url`, `head_server_url`, `agents`) written literally in a config file.
 
-    Interpolations such as `${oc.env:AGENT_TOKEN}` are saved unresolved by Hydra and are left alone.
+    Secrets given on the command line never get there (see `gym_collect.overrides`); interpolations such as
+    `${oc.env:AGENT_TOKEN}` are saved unresolved by Hydra and are left alone.
     """
     try:
         hydra_cfg = HydraConfig.get()
@@ -102,8 +96,7 @@ def redact_saved_config(cfg: DictConfig) -> None:
         return
     if hydra_cfg.output_subdir is None:
         return
-    secrets = [v for v in OmegaConf.to_container(cfg.headers, resolve=False).values()  # type: ignore[union-attr]
-               if isinstance(v, str) and v and "${" not in v]
+    secrets = _literal_secrets(cfg)
     if not secrets:
         return
     folder = Path(hydra_cfg.runtime.output_dir) / hydra_cfg.output_subdir
@@ -116,41 +109,185 @@ def redact_saved_config(cfg: DictConfig) -> None:
             path.write_text(redacted)
 
 
+def _literal_secrets(cfg: DictConfig) -> list[str]:
+    raw: Any = OmegaConf.to_container(cfg, resolve=False)
+    headers = raw.get("headers") or {}
+    secrets = [v for v in headers.values() if isinstance(v, str) and v and "${" not in v]
+    urls = [raw.get("agent_url"), raw.get("head_server_url"), *(raw.get("agents") or {}).values()]
+    for url in urls:
+        if isinstance(url, str) and "${" not in url:
+            userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
+            if at and userinfo:
+                secrets.append(userinfo)
+    return secrets
+
+
+class _RedactingStream(io.TextIOBase):
+    """A text stream that writes to `stream` with every secret replaced by `<redacted>` (console lines of
+    this process: `--cfg ... --resolve`, Hydra's error reports, logging handlers made while it is set)."""
+
+    def __init__(self, stream: TextIO, hidden: HiddenSecrets) -> None:
+        super().__init__()
+        self._stream, self._hidden = stream, hidden
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._hidden.redact(text))
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._stream, "encoding", "utf-8")
+
+
+@contextmanager
+def _redacted_console(hidden: HiddenSecrets) -> Iterator[None]:
+    if not hidden.values:
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    sys.stdout = _RedactingStream(saved[0], hidden)
+    sys.stderr = _RedactingStream(saved[1], hidden)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+
+
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
-    """A console entry point that checks the overrides, lets Hydra compose the config, runs
-    `job(typed_config)` for each job (several with `-m`), and exits with the highest exit code; a
-    `GymCollectError` becomes one logged line and its exit code."""
+    """A console entry point: check the overrides, hide literal secrets, let Hydra compose the config and
+    run `job(typed_config)` for each job (several with `-m`, under any Hydra launcher), and exit with the
+    highest exit code (from `gym_collect.sweep` for a multirun); a `GymCollectError` becomes one logged line
+    and its exit code. `prog` is also `hydra.job.name`."""
     codes: list[int] = []
 
-    def task(cfg: DictConfig) -> None:
+    def task(cfg: DictConfig) -> int:
         redact_saved_config(cfg)
         try:
-            codes.append(job(to_config(cfg)))
+            code = job(to_config(cfg))
         except GymCollectError as exc:
             log.error("%s", exc)
-            codes.append(exc.exit_code)
+            code = exc.exit_code
+        codes.append(code)
+        return code  # Hydra's JobReturn.return_value: what a sweeper sees
 
     def entry_point() -> None:
         install_process_handlers()
         try:
             args = normalize_overrides(sys.argv[1:])
+            hidden = hide_secrets(args)
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        sys.argv = [sys.argv[0], *args, *dry_run_overrides(args)]
-        try:
-            hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
-        except KeyboardInterrupt as exc:  # a signal outside a job's own handling
-            if not codes:
-                print(f"{prog}: interrupted ({exc or 'SIGINT'}) before the run started", file=sys.stderr)
-                sys.exit(EXIT_INTERRUPTED)
-        sys.exit(max(codes, default=0))
+        hidden.export()
+        completion = any(a in HYDRA_COMPLETION_FLAGS for a in args)
+        named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
+        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args,
+                    *dry_run_overrides(args)]
+        Sweep.current = None
+        hydra_exit = 0
+        interrupted = False
+        full_error = os.environ.get("HYDRA_FULL_ERROR")
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a trace: reported below
+        with _redacted_console(hidden):
+            try:
+                hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+            except SystemExit as exc:  # Hydra's own exits (--help: 0)
+                hydra_exit = exc.code if isinstance(exc.code, int) else 1
+            except KeyboardInterrupt as exc:  # a signal outside a job's own handling
+                interrupted, hydra_exit = True, EXIT_INTERRUPTED
+                if not codes and Sweep.current is None:
+                    print(f"{prog}: interrupted ({exc or 'SIGINT'}) before the run started", file=sys.stderr)
+            except Exception as exc:  # composition errors, a launcher that lost a job, an unexpected error
+                if full_error == "1":
+                    raise
+                usage = isinstance(exc, ValueError) and "can be specified" in str(exc)  # "Only one of --run..."
+                print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+                hydra_exit = ConfigError.exit_code if usage else 1
+            finally:
+                _restore_env("HYDRA_FULL_ERROR", full_error)
+            sweep = Sweep.current
+            if sweep is not None:
+                ended = sweep.code is not None  # on_multirun_end ran: every job had returned
+                code = sweep.finish(launcher_failed=hydra_exit != 0)
+                if hydra_exit and not ended:
+                    code = max(code, hydra_exit if interrupted else 1)
+            elif interrupted and codes:  # a signal after the run ended does not change its exit code
+                code = max(codes)
+            else:
+                code = max([*codes, hydra_exit])
+        sys.exit(code)
 
     return entry_point
 
 
+def _one_line(exc: BaseException) -> str:
+    """Hydra's and OmegaConf's own messages as they are (they say what to change); anything else as its
+    type and first line."""
+    if isinstance(exc, HydraException | OmegaConfBaseException):
+        cause = exc.__cause__
+        detail = f": {(str(cause).strip().splitlines() or [''])[0]}" if cause is not None else ""
+        return str(exc).strip() + detail
+    if isinstance(exc, ValueError) and "can be specified" in str(exc):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first} (HYDRA_FULL_ERROR=1 shows the stack trace)"
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
+@contextmanager
+def _drain_before_requeue() -> Iterator[list[int]]:
+    """Under submitit on Slurm, turn its pre-timeout signal (USR2, `signal_delay_s` before the time limit)
+    into a clean stop, and requeue only after it.
+
+    submitit's USR2 handler (submitit/core/job_environment.py, `SignalHandler.checkpoint_and_try_requeue`)
+    requeues the job and exits at once, wherever the collection is. Here USR2 becomes a SIGTERM to this
+    process (dispatch stops, in-flight rollouts get `shutdown_grace_s`, the metrics are written), and
+    submitit's handler runs when the collection has ended with rollouts left to do. Yields the list that
+    receives the signal number (empty when none came). Elsewhere (no submitit, or not on Slurm) it does
+    nothing.
+    """
+    received: list[int] = []
+    original = signal.getsignal(signal.SIGUSR2)
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" or not callable(original):
+        yield received
+        return
+
+    def on_usr2(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+        log.warning("Slurm's time limit is near (%s): stopping cleanly, then requeueing",
+                    signal.Signals(signum).name)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGUSR2, on_usr2)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
 def _collect_job(cfg: CollectConfig) -> int:
-    return run_collect(cfg)
+    with _drain_before_requeue() as received:
+        code = run_collect(cfg)
+    if received and code == EXIT_INTERRUPTED:
+        handler = signal.getsignal(signal.SIGUSR2)
+        if callable(handler):
+            handler(received[0], None)  # submitit: requeue this job (resume=true continues it), then exit
+    return code
 
 
 main = hydra_command("collect_rollouts", _collect_job)

@@ -4,8 +4,12 @@
     (one streaming pass;          (who wrote each            in the output's folder, then os.replace'd
      a slot map of owners)         (task, rollout))          (a second streaming pass, lines copied verbatim)
 
-The check lives in ``gym_collect.shards``; this module merges the shards' ``<stem>_metrics.json`` documents
+The check lives in ``gym_collect.shards``; this module reads the shards' run manifests (``<stem>_run.json``,
+schema ``gym_collect.run/1``, written by ``collect_rollouts``), merges their ``<stem>_metrics.json`` documents
 and writes the merged files. Rows are never held in memory.
+
+Shards merge only when their run manifests agree (``gym_collect.manifests``); ``num_repeats`` and the
+expected tasks come from the manifests unless given.
 
 Errors follow ``gym_collect.errors``: ``MergeRefused`` (an ``InputError``: a gap, an overlap, a malformed
 line, a missing shard file, a failure under ``--strict``), ``InputError`` (unreadable input), ``OutputError``
@@ -27,13 +31,14 @@ from typing import BinaryIO
 import orjson
 
 from gym_collect.errors import GymCollectError, OutputError
+from gym_collect.manifests import MergeMismatch, ShardPlan, plan_from_manifests
 from gym_collect.metrics import METRICS_SCHEMA
 from gym_collect.reader import count_rows
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
 from gym_collect.writer import OutputPaths
 
-__all__ = ["main", "merge_metrics", "merge_rollouts"]
+__all__ = ["MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts", "plan_from_manifests"]
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +204,16 @@ def _copy(lines: Iterable[bytes], dst: BinaryIO) -> None:
 
 
 def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
-                   expected_tasks: range | None = None, num_repeats: int = 1,
-                   strict: bool = False) -> ShardCheck:
-    """Check the shards (``check_shards``), then write ``output``, ``<output stem>_failures.jsonl`` (only if
-    any failure counts; a stale one is removed) and ``<output stem>_metrics.json``.
+                   expected_tasks: range | None = None, num_repeats: int | None = None,
+                   strict: bool = False, use_manifests: bool = True) -> ShardCheck:
+    """Check the shards' manifests (``plan_from_manifests``, unless ``use_manifests`` is false) and coverage
+    (``check_shards``), then write ``output``, ``<output stem>_failures.jsonl`` (only if any failure counts;
+    a stale one is removed) and ``<output stem>_metrics.json``.
 
-    Each file is written to a temp file in its folder and moved into place with ``os.replace``; the rows
-    file last. Raises MergeRefused if the check fails; OutputError if an output path is one of the inputs
+    ``num_repeats`` and ``expected_tasks`` default to the manifests' (1 and the tasks seen without
+    manifests); given values that contradict the manifests are refused. Each file is written to a temp file
+    in its folder and moved into place with ``os.replace``; the rows file last. Raises MergeMismatch if the
+    manifests disagree, MergeRefused if the check fails; OutputError if an output path is one of the inputs
     or cannot be written (temp files are removed); InputError if a shard cannot be read or changes meanwhile.
     Nothing is written on any error. Returns the check.
     """
@@ -215,7 +223,16 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     for target in targets:
         if target.resolve() in inputs:
             raise OutputError(f"output {target} would overwrite an input file: choose another --output")
-    check = check_shards(paths, expected_tasks, num_repeats, strict=strict)
+    plan = plan_from_manifests(paths) if use_manifests else ShardPlan({}, None, None, 0)
+    if plan.num_repeats is not None and num_repeats not in (None, plan.num_repeats):
+        raise MergeMismatch(f"--num-repeats {num_repeats} contradicts the shards' manifests "
+                            f"(num_repeats={plan.num_repeats}); leave it out to use theirs")
+    if plan.tasks is not None and expected_tasks is not None and not (
+            expected_tasks.start <= plan.tasks.start and plan.tasks.stop <= expected_tasks.stop):
+        raise MergeMismatch(f"the expected tasks {_span(expected_tasks)} do not contain the shards' row ranges "
+                            f"{_span(plan.tasks)} (from their manifests)")
+    check = check_shards(paths, expected_tasks if expected_tasks is not None else plan.tasks,
+                         num_repeats or plan.num_repeats or 1, strict=strict)
     if not check.ok:
         raise MergeRefused(check)
     metrics = _load_metrics(check)
@@ -240,15 +257,22 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     return check
 
 
+def _span(tasks: range) -> str:
+    return f"{tasks.start}-{tasks.stop - 1}" if len(tasks) else "(none)"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge_rollouts",
         description="Check that shard outputs hold every (task, rollout) exactly once (as a row or in "
                     "<stem>_failures.jsonl), then concatenate them in task order, with their failures and "
-                    "merged metrics. Exit 0 merged, 2 refused or failed (nothing written).")
+                    "merged metrics. The shards' run manifests (<stem>_run.json) must agree on the input, "
+                    "repeats, overrides and agent routing; they give the rollouts per task and the expected "
+                    "tasks. Exit 0 merged, 2 refused or failed (nothing written).")
     p.add_argument("shards", nargs="+", type=Path, help="shard output files (.jsonl)")
-    p.add_argument("--output", required=True, type=Path, help="merged output file (.jsonl)")
-    p.add_argument("--num-repeats", type=int, default=1, help="rollouts per task (default 1)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="merged output file (.jsonl)")
+    p.add_argument("--num-repeats", type=int, default=None,
+                   help="rollouts per task (default: from the shards' manifests, else 1)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--input", type=Path, help="the full input JSONL: expects one task per non-blank line")
     g.add_argument("--num-tasks", type=int, help="number of tasks expected")
@@ -256,6 +280,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="index of the first expected task (default 0); needs --input or --num-tasks")
     p.add_argument("--strict", action="store_true",
                    help="refuse if any rollout failed (default: failures count as accounted for)")
+    p.add_argument("--ignore-manifests", action="store_true",
+                   help="do not read the shards' run manifests (shards from an older collector)")
     return p
 
 
@@ -263,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``merge_rollouts``; returns the exit code: 0 merged, 2 refused or failed."""
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.num_repeats < 1:
+    if args.num_repeats is not None and args.num_repeats < 1:
         parser.error("--num-repeats must be >= 1")
     if args.num_tasks is not None and args.num_tasks < 0:
         parser.error("--num-tasks must be >= 0")
@@ -277,8 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             expected = range(start, start + count_rows(args.input))
         elif args.num_tasks is not None:
             expected = range(start, start + args.num_tasks)
-        check = merge_rollouts(args.shards, args.output, expected_tasks=expected,
-                               num_repeats=args.num_repeats, strict=args.strict)
+        check = merge_rollouts(args.shards, args.output, expected_tasks=expected, num_repeats=args.num_repeats,
+                               strict=args.strict, use_manifests=not args.ignore_manifests)
     except GymCollectError as exc:
         print(f"merge_rollouts: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -121,3 +121,42 @@ def test_multirun_runs_every_job(tmp_path: Path, clean_env: dict[str, str]) -> N
          "sim.service_time_s=0.001"], cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert len(read_jsonl(tmp_path / "out_2.jsonl")) == len(read_jsonl(tmp_path / "out_4.jsonl")) == 10
+
+
+@pytest.mark.parametrize("args", [
+    ["hydra/launcher=submitit_slurm"], ["+hydra/launcher=ray"], ["++hydra/sweeper=basic"], ["~hydra/job_logging"],
+    ["hydra/job_logging=disabled", "hydra/hydra_logging@hydra.hydra_logging=default"],
+    ["--info"], ["--info", "plugins"], ["-i", "defaults-tree"], ["-sc", "install=bash"],
+    ["--shell-completion", "query=collect_rollouts", "hydra/"], ["--cfg=job"], ["-cn", "example", "-c", "job"],
+    ["--experimental-rerun", "x.pickle"], ["hydra.launcher.timeout_min=5", "hydra.job.chdir=false"],
+])
+def test_hydra_groups_and_flags_pass_unchanged(args: list[str]) -> None:
+    assert normalize_overrides(args) == args
+
+
+def test_config_dir_groups_pass_and_typos_in_hydra_groups_are_caught(tmp_path: Path) -> None:
+    (tmp_path / "agent").mkdir()
+    assert normalize_overrides(["-cd", str(tmp_path), "agent=math"]) == ["-cd", str(tmp_path), "agent=math"]
+    with pytest.raises(ConfigError, match="unknown config key 'agent'"):
+        normalize_overrides(["agent=math"])
+    with pytest.raises(ConfigError, match=r"unknown Hydra config group 'hydra/job_loging'.*'hydra/job_logging'"):
+        normalize_overrides(["hydra/job_loging=disabled"])
+    with pytest.raises(ConfigError, match="did you mean 'num_repeats'"):
+        normalize_overrides(["--info", "num_repets=2"])
+
+
+def test_literal_secrets_become_environment_references() -> None:
+    from gym_collect.overrides import hide_secrets
+
+    hidden = hide_secrets(normalize_overrides([
+        "-m", "headers.Authorization=Bearer abc def", "agent_url=http://u:p%40ss@127.0.0.1:9/x",
+        "agents.b=http://h:1", "headers.X=${oc.env:TOKEN}", "head_server_url=http://127.0.0.1:11000"]),
+        environ={"TOKEN": "from-env"})
+    assert hidden.args == [
+        "-m", "++headers.Authorization=${oc.env:GYM_COLLECT_SECRET_0}",
+        "agent_url='http://${oc.env:GYM_COLLECT_SECRET_1}@127.0.0.1:9/x'", "++agents.b='http://h:1'",
+        "++headers.X='${oc.env:TOKEN}'", "head_server_url='http://127.0.0.1:11000'"]
+    assert hidden.env == {"GYM_COLLECT_SECRET_0": "Bearer abc def", "GYM_COLLECT_SECRET_1": "u:p%40ss"}
+    assert hidden.redact("x Bearer abc def from-env u:p%40ss") == "x <redacted> <redacted> <redacted>"
+    with pytest.raises(ConfigError, match="do not sweep secrets"):
+        hide_secrets(["-m", "headers.A=a,b"])

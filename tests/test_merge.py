@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, OutputError
-from gym_collect.merge import main, merge_metrics, merge_rollouts
+from gym_collect.merge import MergeMismatch, main, merge_metrics, merge_rollouts
 from gym_collect.metrics import RunMetrics
 from gym_collect.shards import MergeRefused, check_shards
 from gym_collect.stats import LatencyHistogram
@@ -315,3 +315,61 @@ def test_any_partition_merges_and_any_loss_is_named(num_tasks: int, repeats: int
                                  or orjson.loads(line)["_ng_rollout_index"] != lost[1]))
         with pytest.raises(MergeRefused, match=rf"missing task[s]? ({lost[0]}\b|\d+-)"):
             merge_rollouts(paths, folder / "n.jsonl", expected_tasks=expected, num_repeats=repeats)
+
+
+def manifest(shard_path: Path, start: int, stop: int, **changes: Any) -> Path:
+    """Write the run manifest collect_rollouts leaves beside a shard (schema gym_collect.run/1)."""
+    definition: dict[str, Any] = {"input": {"size": 1234, "fingerprint": "ab12"}, "start_idx": start,
+                                  "stop_idx": stop, "num_repeats": 2, "responses_create_params": {},
+                                  "agent_name": "agent", **changes}
+    doc = {"schema": "gym_collect.run/1", "input_path": "/data/in.jsonl", "definition": definition}
+    return write_jsonl(shard_path.with_name(shard_path.stem + "_run.json"), [doc])
+
+
+def test_manifests_give_repeats_and_tasks(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 5), 2))
+    b = shard(tmp_path / "b.jsonl", pairs(range(5, 10), 2))
+    manifest(a, 0, 5)
+    manifest(b, 5, 10)
+    assert main(["-o", str(tmp_path / "m.jsonl"), str(b), str(a)]) == 0
+    assert sorted(ids(tmp_path / "m.jsonl")) == pairs(range(10), 2)
+    manifest(b, 5, 12)  # the manifest says shard b selected tasks 5-11: 10 and 11 are missing
+    with pytest.raises(MergeRefused, match="missing tasks 10-11"):
+        merge_rollouts([a, b], tmp_path / "n.jsonl")
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    ({"input": {"size": 99, "fingerprint": "ff00"}}, "input differs"),
+    ({"num_repeats": 4}, "num_repeats differs"),
+    ({"responses_create_params": {"temperature": 0.9}}, "responses_create_params differs"),
+    ({"agent_name": "other"}, "agent_name differs"),
+    ({"agents": {"x": "y"}}, "agents differs"),
+])
+def test_shards_of_different_runs_are_refused_naming_them(
+    tmp_path: Path, change: dict[str, Any], named: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 5), 2))
+    b = shard(tmp_path / "b.jsonl", pairs(range(5, 10), 2))
+    manifest(a, 0, 5)
+    manifest(b, 5, 10, **change)
+    assert main(["--output", str(tmp_path / "m.jsonl"), str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert named in err and str(a) in err and str(b) in err
+    value = orjson.dumps(next(iter(change.values())), option=orjson.OPT_SORT_KEYS).decode()
+    assert value in err
+    assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_a_shard_without_manifest_among_others_is_refused(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 5), 2))
+    b = shard(tmp_path / "b.jsonl", pairs(range(5, 10), 2))
+    manifest(a, 0, 5)
+    with pytest.raises(MergeMismatch, match=f"{b} has no run manifest"):
+        merge_rollouts([a, b], tmp_path / "m.jsonl")
+    assert merge_rollouts([a, b], tmp_path / "m.jsonl", num_repeats=2, use_manifests=False).ok
+
+
+def test_explicit_repeats_contradicting_the_manifests_are_refused(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 5), 2))
+    manifest(a, 0, 5)
+    assert main(["-o", str(tmp_path / "m.jsonl"), "--num-repeats", "3", str(a)]) == 2

@@ -1,0 +1,107 @@
+"""The shards' run manifests: do a set of shard outputs come from one `collect_rollouts` run?
+
+Each shard output has a manifest beside it, ``<stem>_run.json`` (schema ``gym_collect.run/1``, written by the
+writer): ``{"schema", "input_path", "definition": {"input": {"size", "fingerprint"}, "start_idx", "stop_idx",
+"num_repeats", "responses_create_params", "agent_name", ...}}``. Shards belong to one run when their
+definitions agree on every key but the row range (``start_idx``/``stop_idx``), including keys a later
+collector adds; the run's tasks are then ``[min start_idx, max stop_idx)``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from gym_collect.errors import InputError
+from gym_collect.writer import OutputPaths
+from gym_collect.writer.outputs import MANIFEST_SCHEMA
+
+__all__ = ["MergeMismatch", "ShardPlan", "plan_from_manifests", "read_manifest"]
+
+RANGE_KEYS = ("start_idx", "stop_idx")
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """What the shards' manifests agree on. ``definition``: the shared run definition without the row range;
+    ``tasks``: ``[min start_idx, max stop_idx)``; ``num_repeats`` from the definition; ``manifests``: how many
+    shards had one (0: none had, and nothing was checked)."""
+
+    definition: dict[str, object]
+    tasks: range | None
+    num_repeats: int | None
+    manifests: int
+
+
+def read_manifest(shard: Path) -> dict[str, object] | None:
+    """The ``definition`` of ``<shard stem>_run.json``; None when the file does not exist.
+
+    Raises InputError when it exists but is not a ``gym_collect.run/1`` manifest with a definition object."""
+    path = OutputPaths(shard).manifest
+    try:
+        doc = orjson.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise InputError(f"{path}: unreadable run manifest ({exc})") from exc
+    definition = doc.get("definition") if isinstance(doc, dict) else None
+    if not isinstance(definition, dict) or doc.get("schema") != MANIFEST_SCHEMA:
+        raise InputError(f"{path}: not a {MANIFEST_SCHEMA} run manifest with a definition")
+    return definition
+
+
+def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
+    """Read every shard's manifest and check that the shards belong to one run.
+
+    Raises MergeMismatch naming the shards and the differing values when definitions differ (every key but
+    ``start_idx``/``stop_idx``) or when some shards have a manifest and others do not; InputError when a
+    manifest is unreadable. Shards whose files are missing are skipped (the coverage check reports them).
+    """
+    found: list[tuple[Path, dict[str, object]]] = []
+    lacking: list[Path] = []
+    for p in map(Path, paths):
+        if not p.is_file():
+            continue
+        definition = read_manifest(p)
+        if definition is None:
+            lacking.append(p)
+        else:
+            found.append((p, definition))
+    if not found:
+        return ShardPlan({}, None, None, 0)
+    if lacking:
+        raise MergeMismatch(f"{', '.join(map(str, lacking))} {'has' if len(lacking) == 1 else 'have'} no run "
+                            f"manifest ({OutputPaths(lacking[0]).manifest.name}) while "
+                            f"{found[0][0]} has one: these shards do not come from one collect_rollouts run")
+    shared = {k: v for k, v in found[0][1].items() if k not in RANGE_KEYS}
+    problems: list[str] = []
+    for key in sorted({k for _, d in found for k in d} - set(RANGE_KEYS)):
+        values: dict[bytes, list[Path]] = {}
+        for p, d in found:
+            values.setdefault(orjson.dumps(d.get(key), option=orjson.OPT_SORT_KEYS), []).append(p)
+        if len(values) > 1:
+            groups = "; ".join(f"{_names(ps)}: {v.decode()}" for v, ps in values.items())
+            problems.append(f"{key} differs: {groups}")
+    if problems:
+        raise MergeMismatch("refused to merge shards of different runs; nothing written:\n  "
+                            + "\n  ".join(problems))
+    starts = [d.get("start_idx") for _, d in found]
+    stops = [d.get("stop_idx") for _, d in found]
+    tasks: range | None = None
+    if all(isinstance(a, int) for a in starts) and all(isinstance(b, int) for b in stops):
+        tasks = range(min(a for a in starts if isinstance(a, int)), max(b for b in stops if isinstance(b, int)))
+    repeats = shared.get("num_repeats")
+    return ShardPlan(shared, tasks, repeats if isinstance(repeats, int) else None, len(found))
+
+
+class MergeMismatch(InputError):
+    """The shards' manifests say they come from different runs (or some have none); nothing was written."""
+
+
+def _names(paths: Sequence[Path]) -> str:
+    shown = ", ".join(map(str, paths[:4]))
+    return shown + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")

@@ -1,0 +1,137 @@
+"""Slurm, with stand-ins for sbatch/srun/sacct on PATH (tests/fake_slurm): the array script Hydra's submitit
+launcher generates from the `slurm` preset, and scripts/slurm_submit.sh's array plus dependent merge job."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+from gym_collect.sim_agent import SimAgentConfig, SimAgentThread
+from tests.conftest import REPO, make_rows, pairs, read_jsonl, write_rows
+from tests.test_launchers import (
+    ALL_PAIRS,
+    COLLECT,
+    REPEATS,
+    ROWS,
+    SHARDS,
+    HoldingAgent,
+    closed_port,
+    fake_slurm_env,
+)
+
+SUBMIT = REPO / "scripts" / "slurm_submit.sh"
+
+
+def wait_for_job(state: Path, job_id: str) -> dict[str, object]:
+    """Block until the fake job's runner ends (it holds job_ID.lock while it runs); its final state."""
+    with (state / f"job_{job_id}.lock").open() as lock:
+        fcntl.flock(lock, fcntl.LOCK_SH)
+    return json.loads((state / f"job_{job_id}.json").read_text())  # type: ignore[no-any-return]
+
+
+def test_slurm_preset_generates_an_array_job_and_merges(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
+    state = tmp_path / "slurm_state"
+    with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim:
+        proc = subprocess.run(
+            [COLLECT, "--config-dir", str(REPO / "configs"), "--config-name", "slurm", "-m", f"num_shards={SHARDS}",
+             f"shard_id=range({SHARDS})", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out/r.jsonl",
+             "agent_name=sim_agent", f"agent_url={sim.url}", f"num_repeats={REPEATS}",
+             "hydra.launcher.partition=cpu", "hydra.launcher.timeout_min=30"],
+            cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(pairs(read_jsonl(tmp_path / "out" / "r.jsonl"))) == ALL_PAIRS
+    (script,) = (tmp_path / "multirun").rglob("*_submission.sh")
+    text = script.read_text()
+    print(text)
+    for line in ("#SBATCH --array=0-3%4", "#SBATCH --job-name=collect_rollouts", "#SBATCH --partition=cpu",
+                 "#SBATCH --time=30", "#SBATCH --signal=USR2@120", "#SBATCH --cpus-per-task=2", "srun --unbuffered"):
+        assert line in text, line
+    (submission,) = [json.loads(line) for line in (state / "submissions.log").read_text().splitlines()]
+    assert submission["options"]["array"] == "0-3%4"
+
+
+def test_submit_script_runs_the_array_then_the_dependent_merge(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
+    state = tmp_path / "slurm_state"
+    env = fake_slurm_env(clean_env, state)
+    with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim:
+        proc = subprocess.run(
+            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl", "agent_name=sim_agent",
+             f"agent_url={sim.url}", f"num_repeats={REPEATS}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
+        assert merge["options"]["dependency"] == f"afterok:{array['job_id']}"
+        done = wait_for_job(state, merge["job_id"])
+    assert set(done["tasks"].values()) == {"COMPLETED"}, done  # type: ignore[union-attr]
+    assert sorted(pairs(read_jsonl(tmp_path / "out" / "r.jsonl"))) == ALL_PAIRS
+    assert (tmp_path / "out" / "r_metrics.json").exists()
+
+
+def test_a_failed_array_task_leaves_the_merge_unrun(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    per_shard = ROWS // SHARDS
+    rows = [dict(r, agent_ref={"name": "dead" if i // per_shard == 1 else "sim_agent"})
+            for i, r in enumerate(make_rows(ROWS))]
+    write_rows(tmp_path / "in.jsonl", rows)
+    state = tmp_path / "slurm_state"
+    with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim:
+        proc = subprocess.run(
+            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl",
+             f"agents.sim_agent={sim.url}", f"agents.dead=http://127.0.0.1:{closed_port()}", "connect_timeout_s=2"],
+            cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
+        wait_for_job(state, array["job_id"])
+        done = wait_for_job(state, merge["job_id"])
+    assert done.get("reason") == "DependencyNeverSatisfied"
+    assert not (tmp_path / "out" / "r.jsonl").exists()
+    log = (state / f"slurm-{array['job_id']}_1.out").read_text()
+    assert "unreachable" in log and "Traceback" not in log
+
+
+SUBMITIT_LIKE_JOB = """
+import signal, sys
+from pathlib import Path
+marker = Path(sys.argv[1])
+def requeue(signum, frame):  # what submitit's USR2 handler does: scontrol requeue, then exit
+    marker.write_text("requeued")
+    sys.exit(-1)
+signal.signal(signal.SIGUSR2, requeue)
+sys.argv = ["collect_rollouts", *sys.argv[2:]]
+from gym_collect.cli import main
+main()
+"""
+
+
+def test_time_limit_signal_drains_then_requeues_and_the_requeued_job_resumes(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
+    marker = tmp_path / "requeued"
+    args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", "agent_name=sim_agent",
+            f"num_repeats={REPEATS}", "num_samples_in_parallel=2", "progress=false", "resume=true",
+            "shutdown_grace_s=0.2"]
+    env = {**clean_env, "SUBMITIT_EXECUTOR": "slurm"}
+    with HoldingAgent(hold={25}) as agent:
+        job = subprocess.Popen([sys.executable, "-c", SUBMITIT_LIKE_JOB, str(marker), *args, f"agent_url={agent.url}"],
+                               cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert agent.held.wait(60), "the job never reached task 25"
+        job.send_signal(signal.SIGUSR2)
+        out, _ = job.communicate(timeout=60)
+        assert job.returncode == 255, out  # submitit's sys.exit(-1) after requeueing
+        assert marker.read_text() == "requeued"
+        assert "stopping cleanly, then requeueing" in out and "Traceback" not in out
+        metrics = orjson.loads((tmp_path / "out_metrics.json").read_bytes())  # written: a clean stop
+        assert metrics["rollouts"]["succeeded"] == len(read_jsonl(tmp_path / "out.jsonl")) < ROWS * REPEATS
+        agent.hold.clear()
+        requeued = subprocess.run([COLLECT, *args, f"agent_url={agent.url}"], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=120)
+    assert requeued.returncode == 0, requeued.stdout + requeued.stderr
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == ALL_PAIRS
