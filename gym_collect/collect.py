@@ -175,7 +175,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             metrics.skipped_resume = done.count
             urls = {agent: route.url for agent, route in routes.items()}
             gate, adaptive = _make_gate(cfg, urls, client)
-            writer = outputs.open_writer(done, ordered=cfg.output_order == "input",
+            writer = outputs.open_writer(ordered=cfg.output_order == "input",
                                          window=cfg.reorder_window or _reorder_window(cfg, gate))
             skipped = [0]
 

@@ -140,7 +140,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     from gym_collect.reader import JsonlRows, RowSelection, iter_requests
     from gym_collect.retry import RetryPolicy
     from gym_collect.runner import FailureBudget, Runner
-    from gym_collect.writer import DoneSet, LineFile, OutputPaths, RolloutWriter, write_json_atomic
+    from gym_collect.writer import LineFile, OutputPaths, RolloutWriter, write_json_atomic
 
     inp = write_rows(tmp_path / "in.jsonl", make_rows(300))
     paths = OutputPaths(tmp_path / "out.jsonl")
@@ -164,7 +164,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     ):
         with LineFile(paths.output) as out, LineFile(paths.failures) as failures:
             runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
-                            writer=RolloutWriter(out, failures, DoneSet(0, 300, 1), ordered=False, window=1024),
+                            writer=RolloutWriter(out, failures, ordered=False, window=1024),
                             metrics=RunMetrics(300), progress=LowerAfter60(300, 0, enabled=False),
                             policy=RetryPolicy(), gate=gate, adaptive=None, budget=FailureBudget(),
                             write_status=lambda doc: write_json_atomic(paths.status, doc), run_key="k",

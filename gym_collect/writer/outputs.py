@@ -4,7 +4,7 @@ append, side files, close, release.
     with RunOutputs(paths, reads=[input_path]) as outputs:   # refuses a path the run reads; takes the lock
         recorded = outputs.recorded_definition()              # resume: the manifest, checked by the caller
         prior = outputs.prepare(definition, done, ...)        # repair, fill `done`, write the manifest
-        writer = outputs.open_writer(done, ...)               # the rollout and failure lines
+        writer = outputs.open_writer(...)                     # the rollout and failure lines
         ...
         outputs.write_metrics(doc)
     # closed; an empty failures file removed; lock released
@@ -144,13 +144,13 @@ class RunOutputs:
         write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, **manifest})
         return prior
 
-    def open_writer(self, done: DoneSet, *, ordered: bool, window: int) -> RolloutWriter:
+    def open_writer(self, *, ordered: bool, window: int) -> RolloutWriter:
         """Open the rollout and failure files for appending (closed when the block ends)."""
         rollouts, failures = LineFile(self.paths.output), LineFile(self.paths.failures)
         for f in (rollouts, failures):
             f.__enter__()
             self._files.append(f)
-        return RolloutWriter(rollouts, failures, done, ordered=ordered, window=window)
+        return RolloutWriter(rollouts, failures, ordered=ordered, window=window)
 
     def write_status(self, status: dict[str, Any]) -> None:
         """Replace `<stem>_status.json` (live progress; not fsynced, it is rewritten every few seconds)."""

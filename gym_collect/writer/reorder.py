@@ -1,6 +1,6 @@
 """The one writer of a run's rollout and failure lines, in completion order or through a bounded reorder
-window in (task, rollout) order. It records every pair it writes, so the run knows exactly what is in the
-output when it ends.
+window in (task, rollout) order. It counts the rollouts it writes, so the run knows exactly what is in the output
+when it ends.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from gym_collect.writer.done import DoneSet
 from gym_collect.writer.lines import LineFile
 
 
@@ -25,13 +24,13 @@ class RolloutWriter:
 
     With `ordered=True`, outcomes are held until every earlier `seq` is done and then written in `seq`
     order; `wait_for_room(seq)` blocks dispatch while `seq` is `window` or more ahead of the next to write.
-    Memory: at most `window` held lines. Every rollout line marks its pair in `done`; `written` counts them.
+    Memory: at most `window` held lines. `written` counts the rollout lines written (dispatch sends each pair
+    of the selection once, so they are distinct).
     """
 
-    def __init__(self, rollouts: LineFile, failures: LineFile, done: DoneSet, *, ordered: bool, window: int) -> None:
+    def __init__(self, rollouts: LineFile, failures: LineFile, *, ordered: bool, window: int) -> None:
         self.rollouts = rollouts
         self.failures = failures
-        self.done = done
         self.ordered = ordered
         self.window = window
         self.written = 0
@@ -61,7 +60,7 @@ class RolloutWriter:
         if not self.ordered:
             if rollout_line is not None:
                 self.rollouts.write(rollout_line)
-                self.written += self.done.add(request.task_index, request.rollout_index)
+                self.written += 1
             return
         held = None if rollout_line is None else (request.task_index, request.rollout_index, rollout_line)
         self._held[request.seq] = held
@@ -88,5 +87,4 @@ class RolloutWriter:
         if not lines:
             return
         self.rollouts.write(b"".join(line for _, _, line in lines))
-        for task, rollout, _ in lines:
-            self.written += self.done.add(task, rollout)
+        self.written += len(lines)
