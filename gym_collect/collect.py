@@ -6,7 +6,8 @@ Exit codes (`RunResult.exit_code`) follow from what the output holds at the end,
     0   every selected (task, rollout) is in the output
     2   config, input or output error (what is written stays whole), or the input changed during the run
     3   finished, but some selected rollouts are not in the output (failed, or answered `_ng_no_persist`)
-    4   stopped early: the failure budget (`max_failures` / `max_failure_rate`) was spent
+    4   stopped early: the failure budget (`max_failures` / `max_failure_rate`) or the dispatch budget
+        (`dispatch_budget_s`, a Slurm job's end) was spent
     130 interrupted by SIGINT/SIGTERM/SIGHUP (rerun with `resume=true` to finish)
 """
 
@@ -22,6 +23,8 @@ from typing import Any
 
 from gym_collect.client import AgentClient, socket_budget
 from gym_collect.config import CollectConfig
+from gym_collect.deadline import ADAPTIVE_MARGIN_PERCENTILE, DispatchDeadline
+from gym_collect.deadline import REASON as DISPATCH_BUDGET
 from gym_collect.errors import GymCollectError, InputError
 from gym_collect.gate import ConcurrencyGate
 from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
@@ -184,7 +187,14 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 skipped[0] += hit
                 return hit
 
-            requests = iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer)
+            def stop_dispatch(reason: str) -> None:
+                metrics.stopped_reason = metrics.stopped_reason or reason
+                log.warning("Stopping dispatch: %s; the rollouts in flight finish, resume=true does the rest", reason)
+
+            deadline = DispatchDeadline.from_settings(
+                cfg.dispatch_budget_s, cfg.drain_margin_s, cfg.shutdown_grace_s,
+                lambda: (metrics.succeeded, metrics.latency.percentile(ADAPTIVE_MARGIN_PERCENTILE)), stop_dispatch)
+            requests = deadline.limit(iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer))
             log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
                      expected - done.count, found.num_rows, done.count, input_path, output_path)
             with Progress(expected, done.count, cfg.progress) as progress:
@@ -410,7 +420,7 @@ def _exit_code(metrics: RunMetrics, complete: bool, input_change: str | None) ->
         return EXIT_OK
     reason = metrics.stopped_reason
     if reason is not None:
-        return EXIT_STOPPED if reason.startswith("failure budget") else EXIT_INTERRUPTED
+        return EXIT_STOPPED if reason.startswith(("failure budget", DISPATCH_BUDGET)) else EXIT_INTERRUPTED
     return EXIT_FAILURES
 
 

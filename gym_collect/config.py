@@ -144,6 +144,8 @@ class CollectConfig(NemoGymOnlyKeys):
     output_order: str = "completion"
     reorder_window: int | None = None
     shutdown_grace_s: float = 30.0
+    dispatch_budget_s: float | None = None
+    drain_margin_s: float | None = None
 
     dry_run: bool = False
 
@@ -194,6 +196,10 @@ class CollectConfig(NemoGymOnlyKeys):
                  "'completion' or 'input'")
         _require(self.reorder_window is None or self.reorder_window >= 1, "reorder_window", self.reorder_window,
                  "an integer >= 1 (or null)")
+        _require(self.dispatch_budget_s is None or self.dispatch_budget_s >= 0, "dispatch_budget_s",
+                 self.dispatch_budget_s, "seconds >= 0 (or null)")
+        _require(self.drain_margin_s is None or self.drain_margin_s >= 0, "drain_margin_s", self.drain_margin_s,
+                 "seconds >= 0 (or null: the observed p75 rollout latency)")
         _require(self.shutdown_grace_s >= 0, "shutdown_grace_s", self.shutdown_grace_s, "seconds >= 0")
         _require(self.status_every_s > 0, "status_every_s", self.status_every_s, "seconds > 0")
         if (self.num_shards is None) != (self.shard_id is None):

@@ -22,8 +22,6 @@ NOTICES: dict[str, str | None] = {  # None: accepted silently (nothing to do her
     "count_failure_classes_as_zero": "aggregate metrics are not computed here yet",
     "count_missing_rollouts_as_zero": "aggregate metrics are not computed here yet",
     "rollout_collection_driver": "applies to NeMo Gym's end-to-end `gym eval run`, not to a collector",
-    "dispatch_budget_s": "not applied yet; SIGTERM with shutdown_grace_s drains in-flight rollouts",
-    "drain_margin_s": "not applied yet",
     "dispatch_longest_first": "rows are dispatched in input order",
     "retry_terminal_timeouts": "failures are retried by class here (max_attempts)",
     "retry_invalid_judge_responses": "failures are retried by class here (max_attempts)",
@@ -51,8 +49,6 @@ class NemoGymOnlyKeys:
     count_failure_classes_as_zero: list[str] = field(default_factory=list)
     count_missing_rollouts_as_zero: bool = False
     rollout_collection_driver: str | None = None
-    dispatch_budget_s: float | None = None
-    drain_margin_s: float | None = None
     dispatch_longest_first: bool = False
     retry_terminal_timeouts: bool = False
     retry_invalid_judge_responses: bool = False
