@@ -194,7 +194,8 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             deadline = DispatchDeadline.from_settings(
                 cfg.dispatch_budget_s, cfg.drain_margin_s, cfg.shutdown_grace_s,
                 lambda: (metrics.succeeded, metrics.latency.percentile(ADAPTIVE_MARGIN_PERCENTILE)), stop_dispatch)
-            requests = deadline.limit(iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer))
+            requests = deadline.limit(iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer,
+                                                         interleave=cfg.interleave_repeats))
             log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
                      expected - done.count, found.num_rows, done.count, input_path, output_path)
             with Progress(expected, done.count, cfg.progress) as progress:
@@ -230,7 +231,9 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
 def _request_builder(cfg: CollectConfig) -> RequestBuilder:
     router = RowRouter(agent_map=cfg.agent_map, fan_out=cfg.fan_out,
                        unnamed_agent=UNNAMED_AGENT if cfg.agent_url and not cfg.agent_name else None,
-                       environment_server=cfg.environment_server_name)
+                       environment_server=cfg.environment_server_name,
+                       taskset_routes=cfg.environment_server_routes,
+                       tasksets_only=cfg.environment_routing_mode == "taskset")
     prompt = PromptConfig.load(cfg.prompt_config) if cfg.prompt_config else None
     return RequestBuilder(router, cfg.repeats_for, cfg.responses_create_params, add_seed=cfg.num_repeats_add_seed,
                           prompt=prompt)

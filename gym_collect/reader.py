@@ -57,11 +57,14 @@ class RolloutRequest:
     body: bytes
     error: str | None = None
     stamps: dict[str, Any] | None = None  # fields of the row set on its result (NeMo Gym's task_source...)
+    route: str | None = None  # the routing key, when it is not the `agent_ref` name (episode requests)
 
     @property
     def agent_name(self) -> str:
         """The name of the agent this request goes to (`UNNAMED_AGENT` for rows sent to `agent_url` as they
         are, without an `agent_ref`)."""
+        if self.route is not None:
+            return self.route
         return UNNAMED_AGENT if self.agent_ref is None else str(self.agent_ref["name"])
 
 
@@ -317,14 +320,36 @@ def iter_requests(
     is_done: Callable[[int, int], bool],
     bad_row_rollouts: int = 1,
     indexer: TaskIndexer | None = None,
+    interleave: bool = False,
 ) -> Iterator[RolloutRequest]:
     """Rollout requests in input order (aabbcc), skipping (task, rollout) pairs for which `is_done` is true.
 
     Task and rollout indices are NeMo Gym's (`indexer`, from `scan`; without one, the row index and rollouts
     from 0). Bodies come from `builder` (NeMo Gym's materialization); a bad row (`on_bad_row=skip`) gives
-    `bad_row_rollouts` requests with `error` set, recorded as failures and never sent.
+    `bad_row_rollouts` requests with `error` set, recorded as failures and never sent. With `interleave`
+    (NeMo Gym's `interleave_repeats`: abcabc, a stable sort by rollout index) the rows are read once per
+    rollout index, each pass sending that index only.
     """
-    seq = 0
+    state = _Dispatch()
+    if not interleave:
+        yield from _dispatch_pass(rows, builder, is_done, bad_row_rollouts, indexer, state, None)
+        return
+    round_ = 0
+    while round_ <= state.max_rollout or round_ == 0:
+        yield from _dispatch_pass(rows, builder, is_done, bad_row_rollouts, indexer, state, round_)
+        round_ += 1
+
+
+@dataclass
+class _Dispatch:
+    seq: int = 0
+    max_rollout: int = -1
+
+
+def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[int, int], bool],
+                   bad_row_rollouts: int, indexer: TaskIndexer | None, state: _Dispatch,
+                   only: int | None) -> Iterator[RolloutRequest]:
+    """One pass over the rows: the requests of every rollout index, or of rollout index `only`."""
     if indexer is not None:
         indexer.begin_pass()
     for row in rows:
@@ -337,20 +362,26 @@ def iter_requests(
             assert indexer is not None
             indexer.add_rollouts(task, partial(_rollouts_of, builder, row, rows.location(row)))
             continue
+
+        def skip(rollout: int, task: int = task) -> bool:
+            return (only is not None and rollout != only) or is_done(task, rollout)
+
         if row.data is None:
-            for r in range(first, first + bad_row_rollouts):
-                if not is_done(task, r):
-                    yield RolloutRequest(seq, task, r, None, b"", f"{rows.location(row)}: {row.error}")
-                    seq += 1
-            if indexer is not None:
-                indexer.add_rollouts(task, bad_row_rollouts)
-            continue
+            count = bad_row_rollouts
+            for r in range(first, first + count):
+                if not skip(r):
+                    yield RolloutRequest(state.seq, task, r, None, b"", f"{rows.location(row)}: {row.error}")
+                    state.seq += 1
+        else:
+            count = builder.rollouts(builder.router.key(row.data, rows.location(row)))
+            stamps = builder.result_stamps(row.data) or None
+            for r, agent, ref, body in builder.build(row.data, task, rows.location(row), skip, first):
+                yield RolloutRequest(state.seq, task, r, ref, body, stamps=stamps,
+                                     route=agent if ref is None else None)
+                state.seq += 1
+        state.max_rollout = max(state.max_rollout, first + count - 1)
         if indexer is not None:
-            indexer.add_rollouts(task, builder.rollouts(builder.router.key(row.data, rows.location(row))))
-        stamps = builder.result_stamps(row.data) or None
-        for r, _agent, ref, body in builder.build(row.data, task, rows.location(row), partial(is_done, task), first):
-            yield RolloutRequest(seq, task, r, ref, body, stamps=stamps)
-            seq += 1
+            indexer.add_rollouts(task, count)
 
 
 def _rollouts_of(builder: RequestBuilder, row: Row, where: str) -> int:

@@ -28,8 +28,8 @@ from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRoll
 from gym_collect.gate import ConcurrencyGate
 from gym_collect.limiter import AdaptiveLimit
 from gym_collect.metrics import Progress, RunMetrics
-from gym_collect.nemo.routing import AGENT_REF_KEY
-from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
+from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_TARGET
+from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, episode_record
 from gym_collect.reader import RolloutRequest
 from gym_collect.retry import RetryPolicy
 from gym_collect.writer import RolloutWriter, rollout_line
@@ -197,6 +197,8 @@ class Runner:
 
     def _deliver(self, request: RolloutRequest, answer: dict[str, Any], latency_s: float, attempts: int,
                  elapsed_s: float) -> None:
+        if request.route is not None and request.route.startswith(ENVIRONMENT_TARGET):
+            answer = episode_record(answer)
         if answer.get(NO_PERSIST_KEY):
             self.metrics.not_persisted += 1
             self.writer.finish(request, None)

@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -298,3 +299,60 @@ async def test_caller_task_indices_and_duplicate_lines_end_to_end_with_resume(tm
         result = await collect(config(inp, out, sim.url, num_repeats=2, resume=True))
     assert result.exit_code == 0
     assert sorted(pairs(read_jsonl(out))) == got
+
+
+async def test_materialized_taskset_rows_go_as_episode_requests_to_their_route(tmp_path: Path) -> None:
+    from aiohttp import web
+
+    from tests.servers import LoopbackServer
+
+    seen: list[dict[str, Any]] = []
+    ports: list[int] = []
+
+    async def head(request: web.Request) -> web.Response:
+        env = {"host": "127.0.0.1", "port": ports[0], "entrypoint": "app.py"}
+        return web.json_response(yaml.safe_dump({"tasks_env": {"environment_servers": {"episode_env": env}}}))
+
+    async def run(request: web.Request) -> web.Response:
+        body = await request.json()
+        seen.append(body)
+        if body["task"]["task_input"]["q"] == "bad":
+            return web.json_response({**body, "task_id": body["task"]["task_id"],
+                                      "failure": {"failure_reason": "no answer", "terminal": True, "stage": "verify"}})
+        return web.json_response({"episode_id": body["episode_id"], "task_id": body["task"]["task_id"],
+                                  "result": {"reward": 1.0, "answer": body["task"]["task_input"]["q"]}})
+
+    rows = [{"task_id": {"taskset": "ts", "task_id": f"t{i}"}, "task_input": {"q": q}} for i, q in enumerate("ab")]
+    rows.append({"task_id": {"taskset": "ts", "task_id": "t2"}, "task_input": {"q": "bad"}})
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    with LoopbackServer({"GET /global_config_dict_yaml": head, "POST /run": run}) as server:
+        ports.append(int(server.url.rsplit(":", 1)[1]))
+        result = await collect(config(inp, tmp_path / "out.jsonl", None, agent_name=None, head_server_url=server.url,
+                                      environment_routing_mode="taskset", environment_server_routes={"ts": "tasks_env"},
+                                      num_repeats=2))
+    assert result.exit_code == 3  # the terminal failure is recorded
+    assert {(b["episode_id"]["rollout_id"], b["episode_id"]["attempt"]) for b in seen} == {
+        (f"{t}-{r}", 0) for t in range(3) for r in range(2)}
+    written = sorted(read_jsonl(tmp_path / "out.jsonl"), key=lambda r: (r["_ng_task_index"], r["_ng_rollout_index"]))
+    assert [(r["answer"], r["_ng_task_id"]["task_id"]) for r in written] == [("a", "t0"), ("a", "t0"), ("b", "t1"),
+                                                                            ("b", "t1")]
+    assert {(r["_ng_environment_server"], r["_ng_result_type"]) for r in written} == {("tasks_env", "episode_env")}
+    failures = read_jsonl(tmp_path / "out_failures.jsonl")
+    assert len(failures) == 2 and all(f["permanent"] for f in failures)
+    assert {f["answer"]["_ng_failure_class"] for f in failures} == {"environment_server_failed"}
+    with pytest.raises(ConfigError, match="environment_routing_mode=taskset takes only materialized task rows"):
+        RequestBuilder(router(taskset_routes={"ts": "e"}, tasksets_only=True), lambda *k: 1, {}).check({"q": 1}, "x")
+
+
+def test_interleave_repeats_sends_abcabc_with_the_same_indices(tmp_path: Path) -> None:
+    from gym_collect.reader import JsonlRows, RowSelection, iter_requests, scan
+
+    path = write_rows(tmp_path / "in.jsonl", [{"q": "a"}, {"q": "b"}, {"q": "a"}])
+    builder = RequestBuilder(router(unnamed_agent="x"), lambda *keys: 2, {})
+    found = scan(JsonlRows(path, RowSelection()), builder, "fail")
+    rows = JsonlRows(path, RowSelection(0, 3), include_prefix=True)
+    got = [(r.task_index, r.rollout_index, r.seq)
+           for r in iter_requests(rows, builder, lambda t, r: False, 1, found.indexer, interleave=True)]
+    assert [(t, r) for t, r, _ in got] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (0, 3)]  # sorted by rollout index
+    assert sorted((t, r) for t, r, _ in got) == sorted(nemo_pairs(path, 2))
+    assert [seq for *_, seq in got] == list(range(6))

@@ -28,6 +28,7 @@ TASK_SOURCE_KEY = "task_source"
 ENVIRONMENT_SERVER_KEY = "_ng_environment_server"
 RESULT_TYPE_KEY = "_ng_result_type"
 UNNAMED_AGENT = "(agent_url)"  # routing key of rows without `agent_ref` when only `agent_url` is given
+ENVIRONMENT_TARGET = "environment_server:"  # prefix of the routing key of a materialized taskset row
 
 
 @dataclass(frozen=True)
@@ -77,8 +78,11 @@ class RowRouter:
     """
 
     def __init__(self, *, agent_map: Mapping[str, str] | None, fan_out: Mapping[str, list[str]] | None,
-                 unnamed_agent: str | None, environment_server: str | None = None) -> None:
+                 unnamed_agent: str | None, environment_server: str | None = None,
+                 taskset_routes: Mapping[str, str] | None = None, tasksets_only: bool = False) -> None:
         self.agent_map = dict(agent_map or {})
+        self.taskset_routes = dict(taskset_routes or {})
+        self.tasksets_only = tasksets_only
         self.fan_out = {k: tuple(v) for k, v in (fan_out or {}).items()}
         self.unnamed_agent = unnamed_agent
         self.environment_server = environment_server
@@ -92,6 +96,16 @@ class RowRouter:
         source = row.get(TASK_SOURCE_KEY)
         source = source if isinstance(source, str) else None
         basis = agent if agent is not None else source
+        taskset = materialized_taskset(row)
+        if taskset is not None:
+            server = self.taskset_routes.get(taskset)
+            if server is None:
+                raise ConfigError(f"{where}: no environment server route for taskset {taskset!r}: pass "
+                                  f"environment_server_routes.{taskset}=SERVER")
+            return RouteKey((ENVIRONMENT_TARGET + server,), taskset, None, None, None)
+        if self.tasksets_only:
+            raise ConfigError(f"{where}: environment_routing_mode=taskset takes only materialized task rows "
+                              "(task_id.taskset and task_input); use environment_routing_mode=agent to mix them")
         if self.environment_server is not None:
             return RouteKey((agent or "",), source or self.environment_server, source, None, None)
         stamp = overridden = None
@@ -154,10 +168,22 @@ class RowRouter:
             self.task_source_agents[source] = head.resolve_task_source(source)
 
 
+def materialized_taskset(row: Mapping[str, Any]) -> str | None:
+    """The taskset of a materialized task row (`task_id.taskset` and `task_input`), else None
+    (`nemo_gym/episode_types.py:58-65`)."""
+    task_id = row.get("task_id")
+    if not isinstance(task_id, Mapping) or "task_input" not in row:
+        return None
+    taskset = task_id.get("taskset")
+    return taskset if isinstance(taskset, str) and taskset else None
+
+
 def needs_head(agents: Iterable[str], keys: Iterable[RouteKey], *, agent_url: str | None,
                direct: Mapping[str, str], environment_server: str | None) -> bool:
     """True when some agent has no direct address, or rows route by `task_source` or to an environment server."""
     if environment_server is not None or any("" in k.targets for k in keys):
+        return True
+    if any(a.startswith(ENVIRONMENT_TARGET) for a in agents):
         return True
     return any(a not in direct and not agent_url for a in agents)
 
@@ -172,7 +198,13 @@ def resolve_routes(agents: Iterable[str], *, agent_name: str | None, agent_url: 
     """
     routes: dict[str, Route] = {}
     for agent in sorted(set(agents)):
-        if agent in direct:
+        if agent.startswith(ENVIRONMENT_TARGET):
+            name = agent.removeprefix(ENVIRONMENT_TARGET)
+            if head is None or not head.is_type(name, ENVIRONMENT_TYPE):
+                raise ConfigError(f"environment_server_routes names {name!r}, which is not an environment server of "
+                                  "the head server; check the route")
+            routes[agent] = _environment_route(head, name)
+        elif agent in direct:
             routes[agent] = Route(direct[agent].rstrip("/"))
         elif agent_url and (agent_name is None or agent in (agent_name, UNNAMED_AGENT)):
             routes[agent] = Route(agent_url.rstrip("/"))

@@ -22,10 +22,20 @@ import orjson
 import yaml
 
 from gym_collect.errors import ConfigError, InputError
-from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, RouteKey, RowRouter
+from gym_collect.nemo.routing import (
+    AGENT_REF_KEY,
+    ENVIRONMENT_SERVER_KEY,
+    ENVIRONMENT_TARGET,
+    UNNAMED_AGENT,
+    RouteKey,
+    RowRouter,
+)
 
 RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_rollout_id")  # copied from the row onto its results
 TASK_INDEX_KEY = "_ng_task_index"
+ATTEMPT_INDEX_KEY = "_ng_attempt_index"
+ROLLOUT_ID_KEY = "_ng_rollout_id"
+TASK_ID_KEY = "_ng_task_id"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
 RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
 
@@ -88,7 +98,12 @@ class RequestBuilder:
                 raise InputError(f"{where}: the row has responses_create_params.input and prompt_config is set; "
                                  "they are mutually exclusive: drop one")
             self.prompt.messages(row, where)
-        return self.router.key(row, where)
+        key = self.router.key(row, where)
+        if key.targets[0].startswith(ENVIRONMENT_TARGET) and (self.overrides or self.add_seed or self.prompt):
+            raise ConfigError(f"{where}: a materialized task row is sent as it is: responses_create_params "
+                              "overrides, num_repeats_add_seed and prompt_config do not apply to it (NeMo Gym 0.7 "
+                              "refuses them too)")
+        return key
 
     def rollouts(self, key: RouteKey) -> int:
         """How many rollouts a row with this key gets; raises `ConfigError` when `num_repeats` has no entry."""
@@ -109,6 +124,9 @@ class RequestBuilder:
         Mutates `row` (it is the reader's own parsed copy).
         """
         key = self.router.key(row, where)
+        if key.targets[0].startswith(ENVIRONMENT_TARGET):
+            yield from self._episodes(row, key, task_index, skip, first_rollout)
+            return
         if self.prompt is not None:
             own = row.get(RESPONSES_CREATE_PARAMS_KEY)
             row[RESPONSES_CREATE_PARAMS_KEY] = {**(own if isinstance(own, dict) else {}),
@@ -137,6 +155,19 @@ class RequestBuilder:
                     yield rollout, agent, ref, self._body(row, ref, rollout)
                 rollout += 1
 
+    def _episodes(self, row: dict[str, Any], key: RouteKey, task_index: int, skip: Callable[[int], bool],
+                  first_rollout: int) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
+        """Episode requests for a materialized task row (`nemo_gym/rollout_collection.py:299-314`)."""
+        target = key.targets[0]
+        attempt = row.get(ATTEMPT_INDEX_KEY, 0)
+        for rollout in range(first_rollout, first_rollout + (self.repeats_for(target, key.basis) or 0)):
+            if skip(rollout):
+                continue
+            rollout_id = row.get(ROLLOUT_ID_KEY) or f"{task_index}-{rollout}"
+            body = {"episode_id": {"rollout_id": rollout_id, "attempt": attempt},
+                    "task": {"task_id": row["task_id"], "task_input": row["task_input"]}}
+            yield rollout, target, None, orjson.dumps(body)
+
     @staticmethod
     def result_stamps(row: Mapping[str, Any]) -> dict[str, Any]:
         """The row's fields NeMo Gym 0.7 sets on each of its results (`rollout_collection.py:2597-2612`)."""
@@ -155,3 +186,26 @@ class RequestBuilder:
         metadata["extra_body"] = json.dumps(extra_body)  # json.dumps spacing, as NeMo Gym writes it
         rcp["metadata"] = metadata
         return orjson.dumps({**row, RESPONSES_CREATE_PARAMS_KEY: rcp})
+
+
+def episode_record(answer: dict[str, Any]) -> dict[str, Any]:
+    """The record of an environment server's episode answer (`{"episode_id", "task_id", "result" | "failure"}`),
+    as NeMo Gym 0.7 stores it (`nemo_gym/rollout_collection.py:336-377`): the result as it is plus `_ng_task_id`,
+    or a failure record of class `environment_server_failed`. Any other answer is returned unchanged."""
+    if not (isinstance(answer.get("episode_id"), dict) and isinstance(answer.get("task_id"), dict)
+            and ("result" in answer or "failure" in answer)):
+        return answer
+    failure = answer.get("failure")
+    if isinstance(failure, dict):
+        record: dict[str, Any] = {
+            TASK_ID_KEY: answer["task_id"],
+            "_ng_failure_class": "environment_server_failed",
+            "_ng_failure_terminal": bool(failure.get("terminal", False)),
+            "_ng_failure_message": failure.get("failure_reason"),
+        }
+        for field, key in (("stage", "_ng_failure_stage"), ("partial_response", "_ng_failure_partial_response")):
+            if failure.get(field) is not None:
+                record[key] = failure[field]
+        return record
+    result = answer.get("result")
+    return {**result, TASK_ID_KEY: answer["task_id"]} if isinstance(result, dict) else answer
