@@ -23,9 +23,8 @@ from typing import Any
 
 from gym_collect.agents import resolve_agents
 from gym_collect.client import AgentClient
+from gym_collect.concurrency.limits import InFlightLimits
 from gym_collect.config import CollectConfig
-from gym_collect.gate import ConcurrencyGate
-from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.reader import JsonlRows, RowSelection, count_rows, iter_requests, scan, shard_range
 from gym_collect.resume import DoneSet, input_identity, prepare_outputs, run_key
@@ -36,8 +35,6 @@ from gym_collect.writer import LineFile, OutputPaths, RolloutWriter, write_json_
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILURES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 3, 4, 130  # 2: `GymCollectError.exit_code`
-REORDER_WINDOW_PER_SLOT = 32
-MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
 
 
 @dataclass
@@ -114,8 +111,8 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
             log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
                         paths.output, prior.duplicates)
         metrics.skipped_resume = done.count
-        gate, adaptive = _make_gate(cfg, urls)
-        window = cfg.reorder_window or _reorder_window(cfg, gate)
+        limits = InFlightLimits.from_config(cfg, urls)
+        window = cfg.reorder_window or limits.reorder_window()
         requests = iter_requests(rows, cfg.num_repeats, cfg.agent_name, cfg.responses_create_params, done.is_done)
         log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
                  expected - done.count, found.num_rows, cfg.num_repeats, done.count, input_path, output_path)
@@ -128,7 +125,7 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
             runner = Runner(
                 client=client, agent_urls=urls, writer=writer, metrics=metrics, progress=progress,
                 policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
-                gate=gate, adaptive=adaptive,
+                limits=limits,
                 budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
                 paths=paths, run_key=run_key(definition), status_every_s=cfg.status_every_s,
             )
@@ -136,7 +133,7 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
                 await runner.run(requests)
     if paths.failures.exists() and paths.failures.stat().st_size == 0:
         paths.failures.unlink()
-    snapshot = metrics.snapshot(_limit_history(adaptive, metrics.started))
+    snapshot = metrics.snapshot(limits.history_since(metrics.started))
     write_json_atomic(paths.metrics, snapshot)
     for line in metrics.summary_lines():
         log.info("%s", line)
@@ -153,31 +150,6 @@ async def _start_sim_agent(stack: AsyncExitStack, cfg: CollectConfig, names: set
     log.info("Started the simulated agent at %s (capacity %d, %.3f s service time) for %s", sim.url,
              cfg.sim.capacity, cfg.sim.service_time_s, ", ".join(sorted(names)))
     return {name: sim.url for name in names}
-
-
-def _make_gate(cfg: CollectConfig, urls: dict[str, str]) -> tuple[ConcurrencyGate, AdaptiveLimit | None]:
-    if cfg.is_auto:
-        adaptive = AdaptiveLimit(AdaptiveLimitConfig(initial=cfg.auto.initial, min=cfg.auto.min, max=cfg.auto.max))
-        return ConcurrencyGate(adaptive.limit), adaptive
-    if cfg.parallelism_limit is not None:
-        return ConcurrencyGate(cfg.parallelism_limit), None
-    hosts = len(set(urls.values())) or 1
-    bound = min(cfg.global_aiohttp_connector_limit, cfg.global_aiohttp_connector_limit_per_host * hosts)
-    return ConcurrencyGate(bound), None
-
-
-def _reorder_window(cfg: CollectConfig, gate: ConcurrencyGate) -> int:
-    """Held rollouts at most for `output_order=input`: 32 per slot of the largest limit, in [4096, 65536]."""
-    slots = cfg.auto.max if cfg.is_auto else (gate.limit or MAX_REORDER_WINDOW)
-    return min(MAX_REORDER_WINDOW, max(MIN_REORDER_WINDOW, REORDER_WINDOW_PER_SLOT * slots))
-
-
-def _limit_history(adaptive: AdaptiveLimit | None, started: float) -> list[tuple[float, int]]:
-    """The adaptive limit's bounded history as (seconds since `started`, limit), from its initial value."""
-    if adaptive is None:
-        return []
-    points = [(round(max(0.0, t - started), 3), limit) for t, limit in adaptive.history]
-    return [(0.0, adaptive.config.initial), *points]
 
 
 def _exit_code(metrics: RunMetrics) -> int:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from gym_collect.concurrency.spec import parse_parallelism
 from gym_collect.errors import ConfigError
 
 RETRYABLE_STATUSES = (408, 425, 429, 500, 502, 503, 504)
@@ -133,7 +134,7 @@ class CollectConfig:
             raise ConfigError(f"end_idx={self.end_idx} is below start_idx={self.start_idx}: use end_idx >= start_idx")
         _require(self.limit is None or self.limit >= 0, "limit", self.limit, "an integer >= 0 (or null)")
         _require(self.num_repeats >= 1, "num_repeats", self.num_repeats, "an integer >= 1")
-        self.num_samples_in_parallel = _parse_parallelism(self.num_samples_in_parallel)
+        self.num_samples_in_parallel = parse_parallelism(self.num_samples_in_parallel).to_config_value()
         _require(self.global_aiohttp_connector_limit >= 1, "global_aiohttp_connector_limit",
                  self.global_aiohttp_connector_limit, "an integer >= 1")
         _require(self.global_aiohttp_connector_limit_per_host >= 1, "global_aiohttp_connector_limit_per_host",
@@ -177,14 +178,14 @@ class CollectConfig:
 
     @property
     def parallelism_limit(self) -> int | None:
-        """The fixed in-flight limit, or None when unset or `auto`."""
+        """The fixed in-flight limit shared by all backends, or None when unset, `auto` or a map."""
         value = self.num_samples_in_parallel
         return value if isinstance(value, int) else None
 
     @property
     def is_auto(self) -> bool:
-        """True when `num_samples_in_parallel=auto`."""
-        return bool(self.num_samples_in_parallel == "auto")
+        """True when some backend's limit is adaptive (`auto`, or `auto` in a map)."""
+        return parse_parallelism(self.num_samples_in_parallel).any_auto
 
 
 def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
@@ -201,18 +202,6 @@ def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
 def open_keys(schema: type = CollectConfig) -> list[str]:
     """Keys whose values are free-form mappings: any sub-key is valid (`headers.Authorization`)."""
     return [f.name for f in fields(schema) if str(f.type).startswith("dict")]
-
-
-def _parse_parallelism(value: Any) -> int | str | None:
-    if value is None or value == "auto":
-        return value  # type: ignore[no-any-return]
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"num_samples_in_parallel={value!r} is invalid: use an integer >= 1, 'auto', or null (no limit)"
-        )
-    return value
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gym_collect.gate import ConcurrencyGate
-from gym_collect.limit_sim import SimBackend, SimResult, simulate_closed_loop
-from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
+from gym_collect.concurrency.gate import ConcurrencyGate
+from gym_collect.concurrency.limiter import AdaptiveLimit, AdaptiveLimitConfig
+from gym_collect.concurrency.sim import SimBackend, SimResult, simulate_closed_loop
 
 # ---------------------------------------------------------------------------------------------- gate
 
