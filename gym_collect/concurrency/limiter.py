@@ -41,7 +41,7 @@ class AdaptiveLimitConfig:
     rtt_tolerance: float = 1.05
     smoothing: float = 0.2
     queue_min: float = 1.0
-    growth_min: float = 4.0
+    growth_min: float = 1.0
     window_min_samples: int = 32
     window_rtts: float = 1.0
     probe_interval_s: float = 10.0
@@ -54,6 +54,8 @@ class AdaptiveLimitConfig:
     history_max_points: int = 1000
     slow_start: bool = True
     queue_ratio: float | None = 0.05
+    fast_decrease_below: float = 1.0 / 0.75
+    growth_sqrt: float = 0.5
 
     def __post_init__(self) -> None:
         if not 1 <= self.min <= self.initial <= self.max:
@@ -299,9 +301,11 @@ class AdaptiveLimit:
         queue = max(cfg.queue_min, math.sqrt(est) if cfg.queue_ratio is None else cfg.queue_ratio * est)
         gradient = max(0.5, min(1.0, cfg.rtt_tolerance * base_u / rtt_u))
         if gradient < 1.0:
-            self._est = self._clamp(est * (1.0 - cfg.smoothing) + (est * gradient + queue) * cfg.smoothing)
+            # Far past the knee (latency up by more than a third) move at once, as Vegas would; else smooth.
+            weight = 1.0 if gradient * cfg.fast_decrease_below < 1.0 else cfg.smoothing
+            self._est = self._clamp(est * (1.0 - weight) + (est * gradient + queue) * weight)
         elif peak + queue >= est:
-            self._est = self._clamp(est + self._growth_step(est, max(cfg.growth_min, math.sqrt(est))))
+            self._est = self._clamp(est + self._growth_step(est, max(cfg.growth_min, cfg.growth_sqrt * math.sqrt(est))))
 
     def _growth_step(self, est: float, full_step: float) -> float:
         ceiling = self._ceiling
