@@ -391,6 +391,8 @@ class AdaptiveLimit:
         # Otherwise (plateau, max, overload) they may all have queued: calibrate as at a cold start, unless
         # an overload ended it, whose backend answers at once rather than queueing.
         self._slow_start = None
+        if done.reason == "delay":
+            self._ignore_until_s = now_s + 2.0 * (self._last_latency_s or 0.0)  # let the overshoot drain
         self._reset_window()
         self._rate_from_s, self._rate_count = None, 0
         if done.base_u is not None and done.base_s is not None and done.reason in ("delay", "overload"):

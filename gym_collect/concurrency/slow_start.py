@@ -27,7 +27,8 @@ class SlowStartExit:
 class SlowStart:
     """TCP slow start clocked by completions, with two exits; pure (no clock, no I/O).
 
-    Growth: +1 request per success while in-flight >= half the limit (RFC 5681 §3.1: cwnd += SMSS per ACK,
+    Growth: +1 request per success while the peak in-flight of this round or the last >= half the limit
+    (RFC 5681 §3.1: cwnd += SMSS per ACK,
     which doubles the window per round trip; the in-flight test is RFC 7661's guard against growth while
     application-limited). Being clocked by completions, it doubles per round trip whether a rollout takes
     100 ms or 10 minutes.
@@ -70,6 +71,8 @@ class SlowStart:
         self._best_rate = 0.0
         self._flat_rounds = 0
         self._grown_rounds = 0
+        self._round_peak = 0
+        self._last_peak = 0
         self._round_est = 0.0
         self._grown_est = 0.0
 
@@ -77,7 +80,8 @@ class SlowStart:
         self, est: float, latency_s: float, cost: float, in_flight: int, now_s: float, max_limit: float
     ) -> tuple[float, SlowStartExit | None]:
         """One success (latency s, cost > 0, in-flight at completion): the new limit and an exit or None."""
-        if in_flight >= 0.5 * est:
+        self._round_peak = max(self._round_peak, in_flight)
+        if max(self._round_peak, self._last_peak) >= 0.5 * est:
             est = min(max_limit, est + 1.0)
         if self._start_s is None:
             self._start_s, self._target = now_s, max(self.min_round_samples, math.ceil(est))
@@ -113,6 +117,7 @@ class SlowStart:
                 self._min_u, self._min_s = cur_u, self._lat_sum_s / n
             self._start_s, self._target = now_s, max(self.min_round_samples, math.ceil(est))
             self._round_est = est
+            self._last_peak, self._round_peak = self._round_peak, 0
             self._count, self._lat_sum_s, self._cost_sum = 0, 0.0, 0.0
             self._u_sum = self._u_sq_sum = 0.0
             self._in_flight_sum = 0
