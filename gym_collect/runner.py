@@ -67,7 +67,7 @@ class Runner:
         client: the open `AgentClient`.
         agent_urls: agent name -> base URL.
         limits: the in-flight limits (per backend and in all); the runner acquires and reports.
-        read_ahead: requests read and not yet started, at most (memory bound).
+        read_ahead: requests read and not yet started, at most (memory bound), with several backends.
         run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
     """
 
@@ -138,7 +138,9 @@ class Runner:
             task.cancel()
 
     async def _dispatch(self, tg: asyncio.TaskGroup, requests: Iterator[RolloutRequest]) -> None:
-        pending = ReadAhead[RolloutRequest](self.limits, self.read_ahead)
+        # One backend: reading ahead finds nothing else to start, so hold one request (memory as before).
+        read_ahead = self.read_ahead if len(self.limits.backends) > 1 else 1
+        pending = ReadAhead[RolloutRequest](self.limits, read_ahead)
         source = iter(requests)
         exhausted = False
         while True:

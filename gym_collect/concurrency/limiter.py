@@ -21,8 +21,12 @@ class AdaptiveLimitConfig:
     `initial`, `min`, `max`: limits in requests in flight, `1 <= min <= initial <= max`.
     `rtt_tolerance` (>= 1): a window's mean latency up to `rtt_tolerance * rtt_noload` counts as unqueued.
     `smoothing` (0, 1]: weight of the new estimate when the latency gradient is < 1 (Gradient2's 0.2).
-    `queue_min` (> 0): the standing queue allowed is `max(queue_min, sqrt(limit))` requests.
-    `growth_min` (> 0): the growth step while unqueued is `max(growth_min, sqrt(limit))` requests per window.
+    `queue_min` (> 0), `queue_ratio` (None or > 0): the standing queue allowed is `max(queue_min,
+    queue_ratio * limit)` requests (None: Gradient2's sqrt(limit)).
+    `growth_min` (> 0), `growth_sqrt` (> 0): the growth step while unqueued is `max(growth_min, growth_sqrt *
+    sqrt(limit))` requests per window.
+    `fast_decrease_below` (>= 1): when rtt > rtt_tolerance * rtt_noload * this, the limit moves to its
+    new estimate at once instead of by `smoothing`.
     `window_min_samples` (>= 1), `window_rtts` (>= 0): a window (and a probe's measurement) needs
     min(`window_min_samples`, 4 * limit) successes; a window also lasts `window_rtts` RTTs.
     `probe_interval_s` (> 0), `probe_interval_rtts` (>= 0): re-measure rtt_noload every max(s, rtts * RTT).
@@ -32,7 +36,7 @@ class AdaptiveLimitConfig:
     `decrease_cooldown_s` (>= 0): least time between two overload decreases (the other floor is one RTT).
     `ceiling_step` (> 0): growth per window across the last request below the last overload's limit.
     `history_max_points` (>= 2): bound on `AdaptiveLimit.history`.
-    `slow_start` : start with `SlowStart` (doubling per round trip) before the steady-state law.
+    `slow_start`: start with `SlowStart` (doubling per round trip) before the steady-state law.
     """
 
     initial: int = 16
@@ -75,6 +79,9 @@ class AdaptiveLimitConfig:
             "decrease_cooldown_s >= 0": self.decrease_cooldown_s >= 0.0,
             "ceiling_step > 0": self.ceiling_step > 0.0,
             "history_max_points >= 2": self.history_max_points >= 2,
+            "queue_ratio None or > 0": self.queue_ratio is None or self.queue_ratio > 0.0,
+            "growth_sqrt > 0": self.growth_sqrt > 0.0,
+            "fast_decrease_below >= 1": self.fast_decrease_below >= 1.0,
         }
         failed = [name for name, ok in checks.items() if not ok]
         if failed:
@@ -103,21 +110,35 @@ class AdaptiveLimit:
     Every call passes `now_s` (monotonic seconds) and returns the new integer limit (requests in flight),
     always within [`config.min`, `config.max`]. Not thread-safe.
 
+    Start: `SlowStart` (RFC 5681 slow start clocked by completions, HyStart++ and BBR full-pipe exits), so
+    the limit doubles per round trip from `initial` whether a rollout takes 100 ms or 10 minutes; a "delay"
+    exit hands over its no-load latency and the no-queue limit, other exits the cold-start calibration below.
+
+    Signal: work-normalized latency. Each success may carry a cost (tokens from `response.usage`), and a
+    window's `rtt` is sum(latency) / sum(cost), seconds per token, so that a long task is not read as a
+    queue (latency per output token, TPOT, is the LLM-serving literature's load signal: Agrawal et al.,
+    "Taming Throughput-Latency Tradeoff in LLM Inference with Sarathi-Serve", OSDI 2024; Vegas' expected
+    vs actual rate compares the same quantity per byte). Without a cost every success weighs 1 and `rtt` is
+    the mean latency. Probes measure rtt_noload per unit of work by Little's law: mean in-flight / work
+    throughput. Windows, cooldowns and probe timing stay in seconds of latency.
+
     Update law: Netflix concurrency-limits `Gradient2Limit` (https://github.com/Netflix/concurrency-limits,
     `concurrency-limits-core/src/main/java/com/netflix/concurrency/limits/limit/Gradient2Limit.java`),
     applied once per sample window as its `WindowedLimit` does, with the queue allowance of `GradientLimit`::
 
         gradient = max(0.5, min(1.0, rtt_tolerance * rtt_noload / rtt))
-        queue    = max(queue_min, sqrt(limit))
+        queue    = max(queue_min, queue_ratio * limit)
         limit    = limit + step                                                       if gradient == 1
-                   limit * (1 - smoothing) + (limit * gradient + queue) * smoothing   otherwise
+                   limit * (1 - w) + (limit * gradient + queue) * w                   otherwise
+        w        = 1 if gradient < 1 / fast_decrease_below else smoothing
 
     `rtt` is the mean latency (s) of a window of at least min(`window_min_samples`, 4 * limit) successes
     spanning `window_rtts` RTTs; the mean, as in `WindowedLimit`, because by Little's law it is in-flight /
     throughput. Past a capacity C the backend queues, rtt = rtt_noload * limit / C, and the fixed point is
-    limit = rtt_tolerance * C + sqrt(limit): a standing queue of about sqrt(limit) keeps the backend busy.
-    `step` = max(`growth_min`, sqrt(limit)) (fast growth far below max) except near the last overload
-    (below). No growth while the window's peak in-flight + queue < limit (application-limited, as in
+    limit = rtt_tolerance * C / (1 - queue_ratio): about 10% over C with the defaults (Gradient2's own
+    tolerance 1.1 and sqrt(limit) queue stand 20-30% over C, which costs throughput on a backend whose
+    throughput falls past capacity). `step` = max(`growth_min`, `growth_sqrt` * sqrt(limit)) except near
+    the last overload (below). No growth while the window's peak in-flight + queue < limit (application-limited, as in
     `GradientLimit`).
 
     Departure from Gradient2: its `rtt_noload` is a long-term EMA of the RTT, which absorbs a standing queue,

@@ -100,6 +100,11 @@ class InFlightLimits:
         shared = bound if spec.shared is None else min(spec.shared, bound)
         return cls(backend_of, levels, shared)
 
+    @property
+    def backends(self) -> list[str]:
+        """The backend keys known so far."""
+        return list(self._backends)
+
     def backend_of(self, agent: str) -> str:
         """The backend key of an agent's requests."""
         return self._backend_of.get(agent, agent)
