@@ -130,11 +130,15 @@ class SharedProcessor:
                 self._arm(loop)
             raise
 
-    def _rate(self) -> float:
-        n, capacity = len(self._finish), self._capacity()
+    def work_rate(self, n: int) -> float:
+        """Seconds of work per second each of ``n`` jobs in service receives."""
+        capacity = self._capacity()
         if n <= capacity:
             return 1.0
         return capacity / n / (1.0 + self._degrade() * (n - capacity) / capacity)
+
+    def _rate(self) -> float:
+        return self.work_rate(len(self._finish))
 
     def _advance(self, now: float) -> None:
         self._work += (now - self._stamp) * self._rate()
