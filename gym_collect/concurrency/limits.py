@@ -210,7 +210,9 @@ class InFlightLimits:
         pool = self._pool(backend)
         if pool.adaptive is not None:
             now = self.clock() if now_s is None else now_s
-            pool.adaptive.on_success(latency_s, pool.in_flight, now, cost)
+            before = pool.adaptive.limit
+            if pool.adaptive.on_success(latency_s, pool.in_flight, now, cost) > before:
+                self._wake()
             self._changed_limits(now)
 
     def report_overload(self, backend: str, now_s: float | None = None) -> None:
@@ -296,12 +298,9 @@ class InFlightLimits:
     def _changed_limits(self, now_s: float) -> None:
         limit = self.limit
         if limit != self._published:
-            grew = limit is None or (self._published is not None and limit > self._published)
             self._published = limit
             if limit is not None:
                 self._record(now_s, limit)
-            if grew:
-                self._wake()
 
     def _record(self, now_s: float, limit: int) -> None:
         self._hist_changes += 1
