@@ -152,7 +152,8 @@ def sim_run(backends: dict[str, SimBackend], levels: dict[str, AdaptiveLimit | i
 
 def sim_long() -> list[Figure]:
     # Throughput is work completed per second (tokens/s): with heavy tails, rollouts/s rewards a level that
-    # hoards long rollouts unfinished at the end. Rollouts/s is printed too, for reference.
+    # hoards long rollouts unfinished at the end. Rollouts/s is printed too, for reference. The ramp is read
+    # on the work the backend serves (finished or not): completed work arrives in lumps of heavy tails.
     median_s, seconds = 60.0, 7200.0
     backend = {"gpu": SimBackend(256, median_s, model="shared", task_sigma=1.2, report_usage=True, seed=11)}
     fixed = {p: sim_run(backend, {"gpu": p}, seconds) for p in (64, 128, 256, 512, 1024)}
@@ -163,12 +164,13 @@ def sim_long() -> list[Figure]:
     ratio = auto.work_per_s(0.0, seconds) / best
     ratio_n = auto.throughput_per_s(0.0, seconds) / fixed[best_n].throughput_per_s(0.0, seconds)
     window_s = 2 * median_s
+    served = fixed[best_p].served_per_s(seconds / 2, seconds)
     reach = next((t for t in range(int(window_s), int(seconds), 10)
-                  if auto.work_per_s(t - window_s, t) >= 0.9 * best), None)
+                  if auto.served_per_s(t - window_s, t) >= 0.9 * served), None)
     reach_medians = None if reach is None else reach / median_s
     return [
         (f"1 long: auto / best fixed ({best_p}) work/s, 2 h", ratio, ">= 0.95", ratio >= 0.95),
-        ("1 long: medians until 90% of best fixed work/s", reach_medians, "<= 10",
+        ("1 long: medians until served work/s is 90% of best fixed", reach_medians, "<= 10",
          reach_medians is not None and reach_medians <= 10),
         (f"1 long: (reference) auto / best fixed ({best_n}) rollouts/s", ratio_n, "-", True),
     ]

@@ -72,6 +72,15 @@ class SimResult:
     limits: list[tuple[float, int]]
     backends: list[str] = dataclasses.field(default_factory=list)
     work_s: list[float] = dataclasses.field(default_factory=list)
+    serving: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+
+    def served_per_s(self, start_s: float, end_s: float) -> float:
+        """Seconds of work the backends delivered per second during [start_s, end_s), finished or not (the
+        tokens/s a GPU produces), from `serving`: (time_s, work rate in all) at each change."""
+        total, steps = 0.0, [*self.serving, (end_s, 0.0)]
+        for (t0, rate), (t1, _) in zip(steps, steps[1:], strict=False):
+            total += rate * max(0.0, min(t1, end_s) - max(t0, start_s))
+        return total / (end_s - start_s)
 
     def work_per_s(self, start_s: float, end_s: float, backend: str | None = None) -> float:
         """Seconds of work completed per second in [start_s, end_s) (of one backend, or all)."""
@@ -174,6 +183,9 @@ class _Served:
         n = len(self.shared)
         return self.cfg.delivered(n, self.capacity) / n if n else 1.0
 
+    def serving(self) -> float:
+        return self.cfg.delivered(len(self.shared), self.capacity) if self.shared else float(self.busy)
+
     def advance(self, now_s: float) -> None:
         self.virtual_s += (now_s - self.stamp_s) * self.rate()
         self.stamp_s = now_s
@@ -260,6 +272,9 @@ def simulate(
         limit = limits.limit
         if limit is not None and (not result.limits or result.limits[-1][1] != limit):
             result.limits.append((now_s, limit))
+        rate = sum(state.serving() for state in served.values())
+        if not result.serving or result.serving[-1][1] != rate:
+            result.serving.append((now_s, rate))
 
     for key, cfg in backends.items():
         for when_s, cap in cfg.capacity_changes:

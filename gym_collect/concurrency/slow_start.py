@@ -43,8 +43,8 @@ class SlowStart:
     HyStart++ (RFC 9406 §4.2: the current round's latency, once it has
     `min_round_samples`, exceeds the lowest earlier round's by `delay_threshold`, here relative and beyond
     two standard errors of the round so far); "plateau" as BBR's full-pipe test (Cardwell et al., "BBR:
-    Congestion-Based Congestion Control", ACM Queue 14(5), 2016: work throughput grew less than
-    `plateau_gain` for `plateau_rounds` rounds).
+    Congestion-Based Congestion Control", ACM Queue 14(5), 2016: work throughput, mean in-flight / latency
+    per unit of work, grew less than `plateau_gain` for `plateau_rounds` rounds).
     """
 
     def __init__(
@@ -106,7 +106,9 @@ class SlowStart:
                 no_queue = self._in_flight_sum / n * self._min_u / cur_u
                 return est, SlowStartExit("delay", self._min_u, self._min_s, no_queue)
         if n >= self._target:
-            rate = self._cost_sum / max(now_s - self._start_s, 1e-9)
+            # Work throughput by Little's law (mean in-flight / latency per unit of work): a count of
+            # completions over the round's span would read the synchronized first wave as a burst.
+            rate = self._in_flight_sum / n / max(cur_u, 1e-300)
             if rate >= self.plateau_gain * self._best_rate:
                 self._best_rate, self._flat_rounds = rate, 0
                 self._grown_rounds += 1
