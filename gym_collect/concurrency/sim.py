@@ -78,7 +78,7 @@ class SimResult:
         """Seconds of work the backends delivered per second during [start_s, end_s), finished or not (the
         tokens/s a GPU produces), from `serving`: (time_s, work rate in all) at each change."""
         total, steps = 0.0, [*self.serving, (end_s, 0.0)]
-        for (t0, rate), (t1, _) in zip(steps, steps[1:], strict=False):
+        for (t0, rate), (t1, _) in itertools.pairwise(steps):
             total += rate * max(0.0, min(t1, end_s) - max(t0, start_s))
         return total / (end_s - start_s)
 
