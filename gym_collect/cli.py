@@ -7,7 +7,6 @@ spelling is accepted for every key (rewritten to Hydra's add-or-override `++key=
 
 from __future__ import annotations
 
-import asyncio
 import difflib
 import logging
 import re
@@ -20,9 +19,10 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from gym_collect.collect import collect
+from gym_collect.collect import run_collect
 from gym_collect.config import CollectConfig, config_keys, open_keys
 from gym_collect.errors import ConfigError, GymCollectError
+from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers
 
 log = logging.getLogger("gym_collect")
 
@@ -64,6 +64,16 @@ def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> li
             arg = "++" + arg.lstrip("+")  # add-or-override: valid whether or not the key exists yet
         out.append(arg)
     return out
+
+
+def dry_run_overrides(args: Sequence[str]) -> list[str]:
+    """With `dry_run=true`, Hydra's overrides that keep it from writing a run folder, saved configs or a log
+    file (a dry run writes nothing)."""
+    for arg in args:
+        match = OVERRIDE.match(arg)
+        if match and match["key"] == "dry_run" and (match["rest"] or "").lower() in ("=true", "=1", "=yes"):
+            return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
+    return []
 
 
 def to_config(cfg: DictConfig) -> CollectConfig:
@@ -121,20 +131,26 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             codes.append(exc.exit_code)
 
     def entry_point() -> None:
+        install_process_handlers()
         try:
             args = normalize_overrides(sys.argv[1:])
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        sys.argv = [sys.argv[0], *args]
-        hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+        sys.argv = [sys.argv[0], *args, *dry_run_overrides(args)]
+        try:
+            hydra.main(config_path=None, config_name=CONFIG_NAME, version_base="1.3")(task)()
+        except KeyboardInterrupt as exc:  # a signal outside a job's own handling
+            if not codes:
+                print(f"{prog}: interrupted ({exc or 'SIGINT'}) before the run started", file=sys.stderr)
+                sys.exit(EXIT_INTERRUPTED)
         sys.exit(max(codes, default=0))
 
     return entry_point
 
 
 def _collect_job(cfg: CollectConfig) -> int:
-    return asyncio.run(collect(cfg, handle_signals=True)).exit_code
+    return run_collect(cfg)
 
 
 main = hydra_command("collect_rollouts", _collect_job)

@@ -1,40 +1,51 @@
-"""One collection run from a typed config: check the input, resolve agents, prepare outputs, dispatch,
-write the metrics. `collect_rollouts`, `tune_parallelism`, tests and benchmarks all come through here.
+"""One collection run from a typed config: check the paths, lock the output, scan the input, resolve agents,
+prepare the outputs, dispatch, write the metrics. `collect_rollouts`, `tune_parallelism`, tests and
+benchmarks all come through here. Signals are handled phase by phase (`gym_collect.shutdown`).
 
-Exit codes (`RunResult.exit_code`):
-    0  every selected rollout is in the output
-    2  config, input or output error (nothing was sent, or writing failed; what is written stays whole)
-    3  finished, but some rollouts failed (see `<stem>_failures.jsonl`)
-    4  stopped early: the failure budget (`max_failures` / `max_failure_rate`) was spent
-    130 interrupted by SIGINT/SIGTERM (rerun with `resume=true` to finish)
+Exit codes (`RunResult.exit_code`) follow from what the output holds at the end, not from how the run ended:
+    0   every selected (task, rollout) is in the output
+    2   config, input or output error (what is written stays whole), or the input changed during the run
+    3   finished, but some selected rollouts are not in the output (failed, or answered `_ng_no_persist`)
+    4   stopped early: the failure budget (`max_failures` / `max_failure_rate`) was spent
+    130 interrupted by SIGINT/SIGTERM/SIGHUP (rerun with `resume=true` to finish)
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gym_collect.agents import resolve_agents
-from gym_collect.client import AgentClient
+from gym_collect.client import AgentClient, socket_budget
 from gym_collect.concurrency.limits import InFlightLimits
 from gym_collect.config import CollectConfig
+from gym_collect.errors import GymCollectError, InputError
 from gym_collect.metrics import Progress, RunMetrics
-from gym_collect.reader import JsonlRows, RowSelection, count_rows, iter_requests, scan, shard_range
-from gym_collect.resume import DoneSet, input_identity, prepare_outputs, run_key
+from gym_collect.reader import (
+    UNNAMED_AGENT,
+    JsonlRows,
+    RowSelection,
+    ScanResult,
+    count_rows,
+    iter_requests,
+    scan,
+    shard_range,
+)
+from gym_collect.redact import display_url, url_secrets
+from gym_collect.resume import check_resumable, failure_kept, run_key
 from gym_collect.retry import RetryPolicy
 from gym_collect.runner import FailureBudget, Runner
-from gym_collect.writer import LineFile, OutputPaths, RolloutWriter, write_json_atomic
+from gym_collect.shutdown import EXIT_INTERRUPTED, Interrupted, Shutdown
+from gym_collect.writer import DoneSet, OutputPaths, RunOutputs, check_input_file, count_done
+from gym_collect.writer.paths import check_output_folder, check_output_paths
 
 log = logging.getLogger(__name__)
 
-EXIT_OK, EXIT_FAILURES, EXIT_STOPPED, EXIT_INTERRUPTED = 0, 3, 4, 130  # 2: `GymCollectError.exit_code`
+EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_STOPPED = 0, 2, 3, 4
 
 
 @dataclass
@@ -60,85 +71,180 @@ def plan_selection(cfg: CollectConfig, input_path: Path) -> RowSelection:
     return RowSelection(cfg.start_idx, cfg.end_idx, cfg.limit)
 
 
+def run_collect(cfg: CollectConfig) -> int:
+    """Run `collect(cfg)` on a new event loop with signal handling, for the command line; the exit code.
+
+    A signal that arrives outside the run's own handling (before its loop starts or after it ended)
+    gives exit 130 only when the run had not finished. Raises `GymCollectError` for setup problems.
+    """
+    result: RunResult | None = None
+
+    async def main() -> None:
+        nonlocal result
+        result = await collect(cfg, handle_signals=True)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt as exc:  # includes `Interrupted` (SIGTERM, SIGHUP)
+        if result is None:
+            log.error("Interrupted (%s) before the run started; nothing was collected", exc or "SIGINT")
+            return EXIT_INTERRUPTED
+    assert result is not None
+    return result.exit_code
+
+
 async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunResult:
-    """Run one collection as configured. Raises `GymCollectError` subclasses for setup problems and for
-    output write failures (exit code in `.exit_code`); failed rollouts are data, not exceptions."""
+    """Run one collection as configured (see the module docstring for exit codes).
+
+    Raises `GymCollectError` subclasses for setup problems and output write failures (exit code in
+    `.exit_code`); failed rollouts are data, not exceptions. With `handle_signals`, SIGINT/SIGTERM/SIGHUP
+    are handled as `gym_collect.shutdown` describes.
+    """
+    with Shutdown(handle_signals) as shutdown:
+        try:
+            return await _collect(cfg, shutdown)
+        except (asyncio.CancelledError, Interrupted):
+            if shutdown.signal_name is None:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            log.error("Interrupted by %s during start-up: nothing was sent; the output is as it was",
+                      shutdown.signal_name)
+            return RunResult(EXIT_INTERRUPTED, None)
+
+
+async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
     input_path, output_path = cfg.require_paths()
     if cfg.num_shards is not None and cfg.shard_id is not None:
         output_path = shard_output_path(output_path, cfg.num_shards, cfg.shard_id)
     paths = OutputPaths(output_path)
-    rows = JsonlRows(input_path, plan_selection(cfg, input_path))
-    found = scan(rows, cfg.agent_name, cfg.on_bad_row)
-    if found.bad_rows:
-        log.warning("%d bad input rows will be recorded as failures (on_bad_row=skip)", found.bad_rows)
-    definition = {
-        "input": input_identity(input_path),
-        "start_idx": rows.selection.start_idx,
-        "stop_idx": rows.selection.start_idx + found.num_rows,
-        "num_repeats": cfg.num_repeats,
-        "responses_create_params": cfg.responses_create_params,
-        "agent_name": cfg.agent_name,
-    }
-    done = DoneSet(rows.selection.start_idx, found.num_rows, cfg.num_repeats)
-    expected = found.num_rows * cfg.num_repeats
-    metrics = RunMetrics(expected)
+    check_input_file(input_path)
+    selection = plan_selection(cfg, input_path)
+    default_agent = cfg.agent_name or (UNNAMED_AGENT if cfg.agent_url else None)
+    if cfg.dry_run:
+        return await _dry_run(cfg, paths, input_path, selection, default_agent, shutdown)
 
-    async with AsyncExitStack() as stack:
-        client = await stack.enter_async_context(AgentClient(
-            connector_limit=cfg.global_aiohttp_connector_limit,
-            connector_limit_per_host=cfg.global_aiohttp_connector_limit_per_host,
-            connect_timeout_s=cfg.connect_timeout_s,
-            request_timeout_s=cfg.request_timeout_s,
-            headers=cfg.headers,
-        ))
-        if cfg.sim.enabled:
-            urls = await _start_sim_agent(stack, cfg, found.agent_names)
-        else:
-            urls = await resolve_agents(
-                found.agent_names, client=client, agent_name=cfg.agent_name, agent_url=cfg.agent_url,
-                agents=cfg.agents, head_server_url=cfg.head_server_url,
+    with RunOutputs(paths, reads=[input_path]) as outputs:
+        found = await _scan(input_path, selection, default_agent, cfg, shutdown)
+        snapshot = found.snapshot
+        assert snapshot is not None
+        start = selection.start_idx
+        rows = JsonlRows(input_path, RowSelection(start, start + found.num_rows), expected=snapshot)
+        definition = {
+            "input": snapshot.identity,
+            "start_idx": start,
+            "stop_idx": start + found.num_rows,
+            "num_repeats": cfg.num_repeats,
+            "responses_create_params": cfg.responses_create_params,
+            "agent_name": cfg.agent_name,
+        }
+        done = DoneSet(start, found.num_rows, cfg.num_repeats)
+        metrics = RunMetrics(done.expected)
+
+        async with AsyncExitStack() as stack:
+            client = await stack.enter_async_context(_client(cfg))
+            urls = await _agent_urls(cfg, stack, client, found)
+            for url in sorted(set(urls.values())):
+                await client.probe(url)
+            if cfg.resume and outputs.existing():
+                check_resumable(outputs.recorded_definition(), definition, paths.manifest)
+            prior = outputs.prepare(
+                {"input_path": str(input_path.resolve()), "definition": definition}, done,
+                resume=cfg.resume, overwrite=cfg.overwrite, keep_failure=failure_kept(cfg.keep_permanent_failures),
+                on_prior_rollout=metrics.add_prior,
             )
-        for url in sorted(set(urls.values())):
-            await client.probe(url)
-        prior = prepare_outputs(
-            paths, definition, done, input_path=input_path, resume=cfg.resume, overwrite=cfg.overwrite,
-            keep_permanent_failures=cfg.keep_permanent_failures, on_prior_rollout=metrics.add_prior,
-        )
-        if cfg.resume:
-            log.info("Resuming: %d rollouts already written, %d failures kept, %d to redo", prior.rollouts,
-                     prior.failures_kept, prior.failures_redone)
-        if prior.duplicates:
-            log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
-                        paths.output, prior.duplicates)
-        metrics.skipped_resume = done.count
-        limits = InFlightLimits.from_config(cfg, urls)
-        window = cfg.reorder_window or limits.reorder_window()
-        requests = iter_requests(rows, cfg.num_repeats, cfg.agent_name, cfg.responses_create_params, done.is_done)
-        log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
-                 expected - done.count, found.num_rows, cfg.num_repeats, done.count, input_path, output_path)
-        with (
-            LineFile(paths.output) as out,
-            LineFile(paths.failures) as failures,
-            Progress(expected, done.count, cfg.progress) as progress,
-        ):
-            writer = RolloutWriter(out, failures, ordered=cfg.output_order == "input", window=window)
-            runner = Runner(
-                client=client, agent_urls=urls, writer=writer, metrics=metrics, progress=progress,
-                policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
-                limits=limits,
-                budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
-                paths=paths, run_key=run_key(definition), status_every_s=cfg.status_every_s,
-            )
-            with _signals(runner, cfg.shutdown_grace_s, handle_signals):
-                await runner.run(requests)
-    if paths.failures.exists() and paths.failures.stat().st_size == 0:
-        paths.failures.unlink()
-    snapshot = metrics.snapshot(limits.history_since(metrics.started))
-    write_json_atomic(paths.metrics, snapshot)
+            if cfg.resume:
+                log.info("Resuming: %d rollouts already written, %d failures kept, %d to redo", prior.rollouts,
+                         prior.failures_kept, prior.failures_redone)
+            if prior.duplicates:
+                log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
+                            paths.output, prior.duplicates)
+            metrics.skipped_resume = done.count
+            limits = InFlightLimits.from_config(cfg, urls, client.connection_limits)
+            writer = outputs.open_writer(done, ordered=cfg.output_order == "input",
+                                         window=cfg.reorder_window or limits.reorder_window())
+            requests = iter_requests(rows, cfg.num_repeats, default_agent, cfg.responses_create_params, done.is_done)
+            log.info("Collecting %d rollouts (%d rows x %d repeats, %d already done) from %s into %s",
+                     done.expected - done.count, found.num_rows, cfg.num_repeats, done.count, input_path, output_path)
+            with Progress(done.expected, done.count, cfg.progress) as progress:
+                runner = Runner(
+                    client=client, agent_urls=urls, writer=writer, metrics=metrics, progress=progress,
+                    policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
+                    limits=limits,
+                    budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
+                    write_status=outputs.write_status, run_key=run_key(definition),
+                    status_every_s=cfg.status_every_s,
+                )
+                shutdown.running(lambda reason: runner.stop(reason, cfg.shutdown_grace_s))
+                try:
+                    await runner.run(requests)
+                finally:
+                    shutdown.finishing()
+        change = rows.check_unchanged()
+        in_output = prior.rollouts + writer.written
+        document = metrics.snapshot(limits.history_since(metrics.started))
+        document["rollouts"]["in_output"] = in_output
+        document["rollouts"]["missing"] = done.expected - in_output
+        document["input_changed"] = change
+        outputs.write_metrics(document)
     for line in metrics.summary_lines():
         log.info("%s", line)
     log.info("Wrote %s and %s", paths.output, paths.metrics)
-    return RunResult(_exit_code(metrics), snapshot, output_path)
+    code = _exit_code(metrics, in_output == done.expected, change)
+    _explain(code, paths, input_path, done.expected - in_output, metrics, change)
+    return RunResult(code, document, output_path)
+
+
+async def _scan(
+    input_path: Path, selection: RowSelection, default_agent: str | None, cfg: CollectConfig, shutdown: Shutdown
+) -> ScanResult:
+    """The check pass, in a worker thread so that signals are answered while it reads a large file."""
+    found = await asyncio.to_thread(scan, JsonlRows(input_path, selection), default_agent, cfg.on_bad_row,
+                                    shutdown.check)
+    if found.bad_rows:
+        log.warning("%d bad input rows will be recorded as failures (on_bad_row=skip)", found.bad_rows)
+    assert found.snapshot is not None
+    if found.num_rows == 0:
+        total = found.snapshot.total_rows
+        if cfg.num_shards is not None and total < cfg.num_shards:
+            log.warning("Shard %s of %d holds no rows (the input has %d rows): nothing to collect", cfg.shard_id,
+                        cfg.num_shards, total)
+        else:
+            what = "has no rows" if total == 0 else f"has {total} rows, none in the selection"
+            raise InputError(
+                f"{input_path}: {what} (start_idx={selection.start_idx}, end_idx={selection.end_idx}, "
+                f"limit={selection.limit}); check the file and the range"
+            )
+    return found
+
+
+def _client(cfg: CollectConfig) -> AgentClient:
+    soft, sockets = socket_budget()
+    limit = min(cfg.global_aiohttp_connector_limit, sockets)
+    per_host = min(cfg.global_aiohttp_connector_limit_per_host, limit)
+    in_flight = cfg.auto.max if cfg.is_auto else cfg.parallelism_limit
+    if limit < cfg.global_aiohttp_connector_limit and (in_flight is None or in_flight > limit):
+        log.info("Open-file limit %d: at most %d connections at once (global_aiohttp_connector_limit=%d lowered)",
+                 soft, limit, cfg.global_aiohttp_connector_limit)
+    return AgentClient(
+        connector_limit=limit,
+        connector_limit_per_host=per_host,
+        connect_timeout_s=cfg.connect_timeout_s,
+        request_timeout_s=cfg.request_timeout_s,
+        headers=cfg.headers,
+        secrets=url_secrets([cfg.agent_url, cfg.head_server_url, *cfg.agents.values()]),
+    )
+
+
+async def _agent_urls(cfg: CollectConfig, stack: AsyncExitStack, client: AgentClient,
+                      found: ScanResult) -> dict[str, str]:
+    if cfg.sim.enabled:
+        return await _start_sim_agent(stack, cfg, found.agent_names)
+    return await resolve_agents(
+        found.agent_names, client=client, agent_name=cfg.agent_name, agent_url=cfg.agent_url,
+        agents=cfg.agents, head_server_url=cfg.head_server_url, deadline_s=cfg.connect_timeout_s,
+    )
 
 
 async def _start_sim_agent(stack: AsyncExitStack, cfg: CollectConfig, names: set[str]) -> dict[str, str]:
@@ -152,32 +258,79 @@ async def _start_sim_agent(stack: AsyncExitStack, cfg: CollectConfig, names: set
     return {name: sim.url for name in names}
 
 
-def _exit_code(metrics: RunMetrics) -> int:
+async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, selection: RowSelection,
+                   default_agent: str | None, shutdown: Shutdown) -> RunResult:
+    """Check everything a run would check and print the plan; send no request, write no file."""
+    check_output_paths(paths, [input_path])
+    check_output_folder(paths)
+    found = await _scan(input_path, selection, default_agent, cfg, shutdown)
+    assert found.snapshot is not None
+    done = DoneSet(selection.start_idx, found.num_rows, cfg.num_repeats)
+    lines = [
+        "Dry run: nothing is sent and nothing is written.",
+        f"Input {input_path}: rows [{selection.start_idx}, {selection.start_idx + found.num_rows}) of "
+        f"{found.snapshot.total_rows}, {cfg.num_repeats} repeats: {done.expected} rollouts"
+        + (f" ({found.bad_rows} bad rows become failures)" if found.bad_rows else ""),
+    ]
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(_client(cfg))
+        if cfg.sim.enabled:
+            urls = {name: "(the simulated agent, started in-process)" for name in found.agent_names}
+        else:
+            urls = await _agent_urls(cfg, stack, client, found)
+        for name, count in sorted(found.agent_rows.items()):
+            url = urls[name]
+            if not cfg.sim.enabled:
+                try:
+                    await client.probe(url, attempts=1)
+                    reach = "reachable"
+                except GymCollectError:
+                    reach = "NOT reachable"
+                url = f"{display_url(url)}/run ({reach})"
+            label = "rows without agent_ref" if name == UNNAMED_AGENT else f"agent {name}"
+            lines.append(f"  {label}: {count * cfg.num_repeats} rollouts -> POST {url}")
+    existing = [p for p in (paths.output, paths.failures) if p.exists() and p.stat().st_size > 0]
+    lines.append(f"Output {paths.output} (side files {paths.output.stem}_*.json[l] beside it)")
+    if existing and cfg.resume:
+        try:
+            marked = count_done(paths, done)
+        except GymCollectError as exc:
+            marked, lines = 0, [*lines, f"Resume would fail: {exc}"]
+        lines.append(f"Resume: {marked} rollouts already written would be skipped, "
+                     f"{done.expected - marked} would be collected")
+    elif existing and not cfg.overwrite:
+        lines.append(f"{existing[0]} exists and is not empty: the run would be refused without resume=true "
+                     "or overwrite=true")
+    elif existing:
+        lines.append("overwrite=true: the existing output and its side files would be removed first")
+    print("\n".join(lines), flush=True)
+    return RunResult(EXIT_OK, None, paths.output)
+
+
+def _exit_code(metrics: RunMetrics, complete: bool, input_change: str | None) -> int:
+    if input_change is not None:
+        return EXIT_ERROR
+    if complete:
+        return EXIT_OK
     reason = metrics.stopped_reason
     if reason is not None:
         return EXIT_STOPPED if reason.startswith("failure budget") else EXIT_INTERRUPTED
-    return EXIT_FAILURES if metrics.failed else EXIT_OK
+    return EXIT_FAILURES
 
 
-@contextmanager
-def _signals(runner: Runner, grace_s: float, enabled: bool) -> Iterator[None]:
-    """SIGINT/SIGTERM: stop dispatching and finish in-flight work within `grace_s`; a second one exits now."""
-    if not enabled:
-        yield
-        return
-    loop = asyncio.get_running_loop()
-
-    def on_signal(signum: int) -> None:
-        if runner.metrics.stopped_reason is not None:
-            log.warning("Second signal: exiting now; every line written is whole, resume=true finishes the run")
-            os._exit(EXIT_INTERRUPTED)
-        runner.stop(f"interrupted by {signal.Signals(signum).name}", grace_s)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal, sig)
-    try:
-        yield
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+def _explain(code: int, paths: OutputPaths, input_path: Path, missing: int, metrics: RunMetrics,
+             change: str | None) -> None:
+    """One line saying why the exit code is not 0, and what to do."""
+    if change is not None:
+        log.error("%s changed during the run (%s): the rollouts written are of the rows as they were at start; "
+                  "restore the input and rerun with resume=true, or start over with overwrite=true", input_path, change)
+    elif code == EXIT_FAILURES:
+        parts = [f"{metrics.failed} failed (see {paths.failures})" if metrics.failed else "",
+                 f"{metrics.not_persisted} answered _ng_no_persist" if metrics.not_persisted else ""]
+        reasons = ", ".join(p for p in parts if p) or "failures kept from an earlier run"
+        log.error("%d selected rollouts are not in %s: %s; rerun with resume=true to retry them", missing,
+                  paths.output, reasons)
+    elif code in (EXIT_STOPPED, EXIT_INTERRUPTED):
+        log.error("Stopped (%s) with %d selected rollouts not in %s; rerun with resume=true to finish",
+                  metrics.stopped_reason, missing, paths.output)
 

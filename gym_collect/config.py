@@ -10,10 +10,11 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from yarl import URL
+
 from gym_collect.concurrency.spec import parse_parallelism
 from gym_collect.errors import ConfigError
-
-RETRYABLE_STATUSES = (408, 425, 429, 500, 502, 503, 504)
+from gym_collect.redact import display_url
 
 
 @dataclass
@@ -122,6 +123,8 @@ class CollectConfig:
     reorder_window: int | None = None
     shutdown_grace_s: float = 30.0
 
+    dry_run: bool = False
+
     progress: bool = True
     status_every_s: float = 5.0
     tune: TuneConfig = field(default_factory=TuneConfig)
@@ -165,6 +168,15 @@ class CollectConfig:
                      f"an integer in [0, {self.num_shards})")
             if self.start_idx != 0 or self.end_idx is not None:
                 raise ConfigError("num_shards/shard_id choose the row range: do not also pass start_idx/end_idx")
+        for name, url in (("agent_url", self.agent_url), ("head_server_url", self.head_server_url),
+                          *((f"agents.{agent}", u) for agent, u in self.agents.items())):
+            check_url(name, url)
+        urls_with_credentials = [u for u in (self.agent_url, *self.agents.values()) if u and "@" in u]
+        if urls_with_credentials and any(k.lower() == "authorization" for k in self.headers):
+            raise ConfigError(
+                "credentials are given twice: in headers.Authorization and in a server URL (user:password@); "
+                "keep only one"
+            )
         if self.resume and self.overwrite:
             raise ConfigError("resume=true and overwrite=true contradict each other: pass only one")
 
@@ -202,6 +214,31 @@ def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
 def open_keys(schema: type = CollectConfig) -> list[str]:
     """Keys whose values are free-form mappings: any sub-key is valid (`headers.Authorization`)."""
     return [f.name for f in fields(schema) if str(f.type).startswith("dict")]
+
+
+def check_url(name: str, url: str | None) -> None:
+    """Refuse a server address that is not `http(s)://host[:port][/path]`; raises `ConfigError` naming the key.
+
+    The message shows the URL without its userinfo (it may hold a password).
+    """
+    if url is None:
+        return
+    try:
+        parsed = URL(url)
+        port = parsed.port
+        problem = (
+            "it has no http:// or https:// scheme" if parsed.scheme not in ("http", "https")
+            else "it has no host" if not parsed.host
+            else "its port is not in 1-65535" if port is None or not 1 <= port <= 65535
+            else None
+        )
+    except (ValueError, TypeError) as exc:
+        problem = str(exc).removeprefix("Invalid URL: ")
+    if problem is not None:
+        raise ConfigError(
+            f"{name}={display_url(str(url))!r} is not a server address ({problem}): use http://HOST:PORT, "
+            "e.g. http://127.0.0.1:8000"
+        )
 
 
 def _require(ok: bool, name: str, value: object, expected: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -12,6 +13,7 @@ from types import TracebackType
 from typing import Any
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
 
@@ -69,8 +71,9 @@ class RunMetrics:
     def add_prior(self, rollout: dict[str, Any]) -> None:
         """Count one rollout already in the output when resuming (fields only)."""
         self.skipped_resume += 1
-        agent = rollout.get("agent_ref", {}).get("name", "unknown")
-        self.fields.add_rollout(str(agent), rollout)
+        ref = rollout.get("agent_ref")
+        agent = ref.get("name") if isinstance(ref, dict) else None
+        self.fields.add_rollout(str(agent) if agent is not None else "unknown", rollout)
 
     def add_failure(self, agent: str, error_class: str) -> None:
         """Count one rollout written to the failures file."""
@@ -171,6 +174,7 @@ class Progress:
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self._bar: tqdm[Any] | None = None
+        self._redirect: contextlib.AbstractContextManager[None] | None = None
         self._enabled = enabled
         self._total, self._initial = total, initial
         self._last_log = time.monotonic()
@@ -181,11 +185,16 @@ class Progress:
                 total=self._total, initial=self._initial, desc="Collecting rollouts", unit="rollout",
                 dynamic_ncols=True, smoothing=0.05,
             )
+            self._redirect = logging_redirect_tqdm()  # log lines above the bar, not through it
+            self._redirect.__enter__()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(exc_type, exc, tb)
+            self._redirect = None
         if self._bar is not None:
             self._bar.close()
 

@@ -7,6 +7,9 @@ requests in the pattern aabbcc.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,9 @@ TASK_INDEX_KEY = "_ng_task_index"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
 AGENT_REF_KEY = "agent_ref"
 RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
+UNNAMED_AGENT = "(agent_url)"  # routing key of rows without `agent_ref` when only `agent_url` is given
+DIGEST_SIZE = 16
+STAT_EVERY_ROWS = 1024
 
 
 @dataclass(slots=True)
@@ -44,14 +50,15 @@ class RolloutRequest:
     seq: int
     task_index: int
     rollout_index: int
-    agent_ref: dict[str, Any]
+    agent_ref: dict[str, Any] | None
     body: bytes
     error: str | None = None
 
     @property
     def agent_name(self) -> str:
-        """The name of the agent this request goes to."""
-        return str(self.agent_ref["name"])
+        """The name of the agent this request goes to (`UNNAMED_AGENT` for rows sent to `agent_url` as they
+        are, without an `agent_ref`)."""
+        return UNNAMED_AGENT if self.agent_ref is None else str(self.agent_ref["name"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,19 +79,33 @@ class RowSelection:
 class JsonlRows:
     """The selected rows of a JSONL file, read lazily: memory is one line at a time.
 
-    Raises `InputError` (`file:line: reason`) when the file cannot be opened; bad rows are yielded with
-    `error` set, so the caller decides between stopping and skipping.
+    With `expected` (what the check pass saw), iteration also watches the file: it stops early and sets
+    `change` when the file's size or modification time moved (checked every `STAT_EVERY_ROWS` rows), or
+    when the bytes up to the last selected row differ from the check pass's (`selection_digest`), or the
+    file ends too soon. Raises `InputError` (`file:line: reason`) when the file cannot be opened; bad rows
+    are yielded with `error` set, so the caller decides between stopping and skipping.
     """
 
-    def __init__(self, path: Path, selection: RowSelection) -> None:
+    def __init__(
+        self, path: Path, selection: RowSelection, expected: InputSnapshot | None = None, *, read_to_end: bool = False
+    ) -> None:
         self.path = path
         self.selection = selection
+        self.expected = expected
+        self.read_to_end = read_to_end
+        self.change: str | None = None
+        self.totals: FileTotals | None = None
 
     def __iter__(self) -> Iterator[Row]:
         start, stop = self.selection.start_idx, self.selection.stop_idx
+        expected = self.expected
+        digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        through_selection = digest.copy()  # the bytes up to the end of the last selected row's line
+        seen = 0
+        task_index = -1
         with _open_input(self.path) as f:
-            task_index = -1
             for line_no, raw in enumerate(f, 1):
+                digest.update(raw)
                 if line_no == 1 and raw.startswith(BOM):
                     raw = raw[len(BOM):]
                 if not raw.strip():
@@ -93,8 +114,46 @@ class JsonlRows:
                 if task_index < start:
                     continue
                 if stop is not None and task_index >= stop:
+                    break
+                seen += 1
+                if expected is not None and seen % STAT_EVERY_ROWS == 0 and self._moved(expected):
                     return
                 yield _parse_row(raw, task_index, line_no)
+                through_selection = digest.copy()
+                if stop is not None and task_index + 1 >= stop:
+                    break
+            selection_digest = through_selection.hexdigest()
+            if self.read_to_end:
+                size = f.tell()
+                for raw in f:
+                    digest.update(raw)
+                    size += len(raw)
+                    task_index += bool(raw.strip())
+                self.totals = FileTotals(task_index + 1, size, selection_digest, digest.hexdigest())
+        if expected is not None and self.change is None:
+            if seen < expected.num_rows:
+                self.change = f"it now ends after {seen} of the {expected.num_rows} selected rows"
+            elif selection_digest != expected.selection_digest:
+                self.change = "the selected rows' content differs from the check at start"
+            else:
+                self._moved(expected)
+
+    def check_unchanged(self) -> str | None:
+        """Why the file differs from `expected` now (size, modification time), or None; sets `change`."""
+        if self.expected is not None and self.change is None:
+            self._moved(self.expected)
+        return self.change
+
+    def _moved(self, expected: InputSnapshot) -> bool:
+        try:
+            info = self.path.stat()
+        except OSError as exc:
+            self.change = f"it can no longer be read ({exc.strerror})"
+            return True
+        if (info.st_size, info.st_mtime_ns, info.st_ino) != (expected.size, expected.mtime_ns, expected.inode):
+            self.change = f"its size or modification time changed ({expected.size} -> {info.st_size} bytes)"
+            return True
+        return False
 
     def location(self, row: Row) -> str:
         """`file:line` of a row, for messages."""
@@ -115,33 +174,92 @@ def shard_range(num_rows: int, num_shards: int, shard_id: int) -> tuple[int, int
     return num_rows * shard_id // num_shards, num_rows * (shard_id + 1) // num_shards
 
 
+@dataclass(frozen=True)
+class FileTotals:
+    """What reading a file to its end found: rows (non-blank lines), bytes, and BLAKE2b-128 digests of the
+    bytes through the last selected row and of the whole file."""
+
+    rows: int
+    size: int
+    selection_digest: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class InputSnapshot:
+    """The input as the check pass saw it; it fixes the run's selection.
+
+    `num_rows` selected rows of `total_rows`; `size`, `mtime_ns`, `inode` from `stat`; `fingerprint` a
+    BLAKE2b-128 hex digest of every byte, `selection_digest` of the bytes through the last selected row.
+    """
+
+    num_rows: int
+    total_rows: int
+    size: int
+    mtime_ns: int
+    inode: int
+    fingerprint: str
+    selection_digest: str
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """The input's identity for the run manifest: its size and fingerprint, not its path."""
+        return {"size": self.size, "fingerprint": self.fingerprint}
+
+
 @dataclass
 class ScanResult:
     """What the pre-flight pass over the selection found."""
 
     num_rows: int
-    agent_names: set[str]
+    agent_rows: Counter[str]
     bad_rows: int
+    snapshot: InputSnapshot | None = None
+
+    @property
+    def agent_names(self) -> set[str]:
+        """The agents the selected rows go to."""
+        return set(self.agent_rows)
 
 
-def scan(rows: JsonlRows, default_agent: str | None, on_bad_row: str) -> ScanResult:
-    """Check every selected row before any request is sent.
+def scan(
+    rows: JsonlRows,
+    default_agent: str | None,
+    on_bad_row: str,
+    checkpoint: Callable[[], None] | None = None,
+) -> ScanResult:
+    """Check every selected row before any request is sent, and fingerprint the whole file in the same pass.
 
-    Returns the row count and the agent names the rows need. Raises `InputError` at the first bad row when
-    `on_bad_row == "fail"`, and `ConfigError` when a row has no `agent_ref` and `agent_name` is unset.
+    Returns the row count, the agent names the rows need, and the `InputSnapshot` that fixes the selection.
+    `checkpoint` is called every `STAT_EVERY_ROWS` rows (it may raise to abandon the scan). Raises
+    `InputError` at the first bad row when `on_bad_row == "fail"` or when the file changes while it is
+    read, and `ConfigError` when a row has no `agent_ref` and `agent_name` is unset.
     """
-    result = ScanResult(0, set(), 0)
-    for row in rows:
+    before = _stat_input(rows.path)
+    reader = JsonlRows(rows.path, rows.selection, read_to_end=True)
+    result = ScanResult(0, Counter(), 0)
+    for row in reader:
         result.num_rows += 1
+        if checkpoint is not None and result.num_rows % STAT_EVERY_ROWS == 0:
+            checkpoint()
         if row.data is None:
             if on_bad_row == "fail":
                 raise InputError(
-                    f"{rows.location(row)}: {row.error}; fix the line, or pass on_bad_row=skip to record it "
+                    f"{reader.location(row)}: {row.error}; fix the line, or pass on_bad_row=skip to record it "
                     "as a failure and go on"
                 )
             result.bad_rows += 1
             continue
-        result.agent_names.add(agent_name_of(row.data, default_agent, rows.location(row)))
+        result.agent_rows[agent_name_of(row.data, default_agent, reader.location(row))] += 1
+    after = _stat_input(rows.path)
+    totals = reader.totals
+    assert totals is not None
+    if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns) or totals.size != after.st_size:
+        raise InputError(f"{rows.path}: the input changed while it was being checked; rerun once it is complete")
+    result.snapshot = InputSnapshot(
+        result.num_rows, totals.rows, after.st_size, after.st_mtime_ns, after.st_ino, totals.fingerprint,
+        totals.selection_digest,
+    )
     return result
 
 
@@ -154,7 +272,10 @@ def agent_name_of(data: dict[str, Any], default_agent: str | None, where: str) -
     if isinstance(ref, dict) and isinstance(ref.get("name"), str):
         return ref["name"]  # type: ignore[no-any-return]
     if default_agent is None:
-        raise ConfigError(f"{where}: the row has no agent_ref.name and agent_name is not set: pass agent_name=NAME")
+        raise ConfigError(
+            f"{where}: the row has no agent_ref.name, and neither agent_name nor agent_url is set: pass "
+            "agent_name=NAME (an agent the head server knows) or agent_url=URL"
+        )
     return default_agent
 
 
@@ -177,7 +298,7 @@ def iter_requests(
         if not todo:
             continue
         if row.data is None:
-            ref = {"name": default_agent or "unknown"}
+            ref = None if default_agent in (None, UNNAMED_AGENT) else {"name": default_agent}
             for r in todo:
                 yield RolloutRequest(seq, row.task_index, r, ref, b"", f"{rows.location(row)}: {row.error}")
                 seq += 1
@@ -185,9 +306,12 @@ def iter_requests(
         data = row.data
         agent = agent_name_of(data, default_agent, rows.location(row))
         own = data.get(AGENT_REF_KEY)
-        if not (isinstance(own, dict) and own.get("name") == agent):
-            data[AGENT_REF_KEY] = {**(own if isinstance(own, dict) else {}), "name": agent}
-        ref = data[AGENT_REF_KEY]
+        if agent == UNNAMED_AGENT:
+            ref = None
+        else:
+            if not (isinstance(own, dict) and own.get("name") == agent):
+                data[AGENT_REF_KEY] = {**(own if isinstance(own, dict) else {}), "name": agent}
+            ref = data[AGENT_REF_KEY]
         if responses_create_params:
             own = data.get(RESPONSES_CREATE_PARAMS_KEY)
             data[RESPONSES_CREATE_PARAMS_KEY] = {**(own if isinstance(own, dict) else {}), **responses_create_params}
@@ -207,6 +331,15 @@ def _parse_row(raw: bytes, task_index: int, line_no: int) -> Row:
     if not isinstance(data, dict):
         return Row(task_index, line_no, None, f"not a JSON object (a {type(data).__name__})")
     return Row(task_index, line_no, data)
+
+
+def _stat_input(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: input file not found; check input_jsonl_fpath") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the input file ({exc.strerror})") from exc
 
 
 def _open_input(path: Path) -> BinaryIO:

@@ -13,9 +13,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
-from gym_collect.errors import RolloutError, TransientRolloutError
+from gym_collect.errors import PermanentRolloutError, RolloutError, TransientRolloutError
 
 MAX_RETRY_AFTER_S = 3600.0
+RETRYABLE_STATUSES = (408, 425, 429, 500, 502, 503, 504)  # RFC 9110 §15.5.9, §15.5.10 (RFC 8470), §15.5.20, 5xx
+
+
+def error_for_status(status: int, retry_after: str | None, message: str) -> RolloutError:
+    """What a non-200 answer means: `TransientRolloutError` for `RETRYABLE_STATUSES` (with the server's
+    `Retry-After` in seconds), `PermanentRolloutError` for any other status."""
+    if status in RETRYABLE_STATUSES:
+        return TransientRolloutError(message, status=status, retry_after_s=parse_retry_after(retry_after))
+    return PermanentRolloutError(message, status=status)
 
 
 @dataclass

@@ -32,7 +32,7 @@ from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRoll
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.reader import AGENT_REF_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, RolloutRequest
 from gym_collect.retry import RetryPolicy
-from gym_collect.writer import OutputPaths, RolloutWriter, rollout_line, write_json_atomic
+from gym_collect.writer import RolloutWriter, rollout_line
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Runner:
         policy: RetryPolicy,
         limits: InFlightLimits,
         budget: FailureBudget,
-        paths: OutputPaths,
+        write_status: Callable[[dict[str, Any]], None],
         run_key: str,
         status_every_s: float,
         clock: Callable[[], float] = time.monotonic,
@@ -91,7 +91,8 @@ class Runner:
         self.client, self.agent_urls, self.writer = client, agent_urls, writer
         self.metrics, self.progress, self.policy = metrics, progress, policy
         self.limits, self.read_ahead, self.budget = limits, read_ahead, budget
-        self.paths, self.run_key, self.status_every_s, self.clock = paths, run_key, status_every_s, clock
+        self.write_status, self.run_key = write_status, run_key
+        self.status_every_s, self.clock = status_every_s, clock
         self._paused_until: dict[str, float] = {}
         self._in_flight: set[asyncio.Task[None]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
@@ -213,7 +214,7 @@ class Runner:
                  elapsed_s: float) -> None:
         if answer.get(NO_PERSIST_KEY):
             self.metrics.not_persisted += 1
-            self.writer.finish(request.seq, None)
+            self.writer.finish(request, None)
             return
         if answer.get(FAILURE_CLASS_KEY):
             self._fail(request, str(answer[FAILURE_CLASS_KEY]), 200, "the agent reported a failure", attempts,
@@ -221,8 +222,9 @@ class Runner:
             return
         answer[TASK_INDEX_KEY] = request.task_index
         answer[ROLLOUT_INDEX_KEY] = request.rollout_index
-        answer[AGENT_REF_KEY] = request.agent_ref
-        self.writer.finish(request.seq, rollout_line(answer))
+        if request.agent_ref is not None:
+            answer[AGENT_REF_KEY] = request.agent_ref
+        self.writer.finish(request, rollout_line(answer))
         self.metrics.add_success(request.agent_name, latency_s, answer)
 
     def _fail(self, request: RolloutRequest, error_class: str, status: int | None, message: str, attempts: int,
@@ -241,7 +243,7 @@ class Runner:
         }
         if answer is not None:
             record["answer"] = answer
-        self.writer.finish(request.seq, None, rollout_line(record))
+        self.writer.finish(request, None, rollout_line(record))
         self.metrics.add_failure(request.agent_name, error_class)
         reason = self.budget.exceeded(self.metrics.failed, self.metrics.done)
         if reason is not None:
@@ -273,7 +275,7 @@ class Runner:
 
     def _write_status(self) -> dict[str, Any]:
         status = self.metrics.status(self.limits.in_flight, self.limits.limit)
-        write_json_atomic(self.paths.status, status)
+        self.write_status(status)
         return status
 
 

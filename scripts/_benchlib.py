@@ -31,7 +31,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_ROWS = Path(os.environ.get(
-    "BENCH_REAL_ROWS", REPO.parent / "shared" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"))
+    "BENCH_REAL_ROWS", REPO / "tests" / "data" / "nemo_gym_datasets" / "ns_tools__compmath_test.jsonl"))
 FALLBACK_ROWS = REPO / "data" / "example.jsonl"
 
 POLL_S = 0.02

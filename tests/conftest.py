@@ -14,7 +14,7 @@ from gym_collect.config import CollectConfig
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+NEMO_GYM_DATA = REPO / "tests" / "data"  # copies of NeMo Gym files, with their SOURCE.md
 EXAMPLE_INPUT = REPO / "data" / "example.jsonl"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from gym_collect.collect import collect
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
-from tests.conftest import SHARED_DATA, config, make_rows, pairs, read_jsonl, write_rows
+from tests.conftest import NEMO_GYM_DATA, config, make_rows, pairs, read_jsonl, write_rows
 
 
 async def test_in_flight_never_exceeds_and_reaches_num_samples_in_parallel(tmp_path: Path) -> None:
@@ -99,8 +99,8 @@ async def test_agents_resolved_through_the_head_server(tmp_path: Path) -> None:
     assert len(read_jsonl(tmp_path / "out.jsonl")) == 5
 
 
-EXAMPLES = sorted((SHARED_DATA / "nemo_gym_examples").glob("*__example.jsonl")) + sorted(
-    (SHARED_DATA / "nemo_gym_datasets").glob("*.jsonl"))
+EXAMPLES = sorted((NEMO_GYM_DATA / "nemo_gym_examples").glob("*__example.jsonl")) + sorted(
+    (NEMO_GYM_DATA / "nemo_gym_datasets").glob("*.jsonl"))
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
@@ -131,7 +131,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     from gym_collect.reader import JsonlRows, RowSelection, iter_requests
     from gym_collect.retry import RetryPolicy
     from gym_collect.runner import FailureBudget, Runner
-    from gym_collect.writer import LineFile, OutputPaths, RolloutWriter
+    from gym_collect.writer import DoneSet, LineFile, OutputPaths, RolloutWriter, write_json_atomic
 
     inp = write_rows(tmp_path / "in.jsonl", make_rows(300))
     paths = OutputPaths(tmp_path / "out.jsonl")
@@ -155,9 +155,11 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     ):
         with LineFile(paths.output) as out, LineFile(paths.failures) as failures:
             runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
-                            writer=RolloutWriter(out, failures, ordered=False, window=1024), metrics=RunMetrics(300),
-                            progress=LowerAfter60(300, 0, enabled=False), policy=RetryPolicy(), limits=gate,
-                            budget=FailureBudget(), paths=paths, run_key="k", status_every_s=1.0)
+                            writer=RolloutWriter(out, failures, DoneSet(0, 300, 1), ordered=False, window=1024),
+                            metrics=RunMetrics(300), progress=LowerAfter60(300, 0, enabled=False),
+                            policy=RetryPolicy(), limits=gate, budget=FailureBudget(),
+                            write_status=lambda doc: write_json_atomic(paths.status, doc), run_key="k",
+                            status_every_s=1.0)
             await runner.run(iter_requests(JsonlRows(inp, RowSelection()), 1, "sim_agent", {}, lambda t, r: False))
     assert sim.stats.max_in_flight <= 3
     assert sim.stats.requests > 100

@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 
 from gym_collect.collect import EXIT_INTERRUPTED, EXIT_OK, collect
 from gym_collect.errors import ConfigError
-from gym_collect.resume import DoneSet
 from gym_collect.sim_agent import SimAgent, SimAgentConfig, SimAgentThread
+from gym_collect.writer import DoneSet
 from tests.conftest import config as make_config
 from tests.conftest import make_rows, pairs, read_jsonl, write_rows
 
@@ -160,7 +160,7 @@ def test_a_second_signal_exits_at_once_with_whole_lines(tmp_path: Path, clean_en
         output, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, output.decode()
     assert time.monotonic() - stopped < 5  # not the 600 s grace
-    assert "Second signal: exiting now" in output.decode()
+    assert "Second signal (SIGTERM): exiting now" in output.decode()
     read_jsonl(out)  # every line whole
 
 
@@ -170,7 +170,7 @@ def test_a_second_signal_exits_at_once_with_whole_lines(tmp_path: Path, clean_en
 def test_torn_tail_repair_keeps_exactly_the_whole_lines(
     tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], torn: bytes
 ) -> None:
-    from gym_collect.resume import _repair_torn_tail
+    from gym_collect.writer.lines import repair_torn_tail as _repair_torn_tail
 
     path = tmp_path_factory.mktemp("torn") / "out.jsonl"
     whole = b"".join(line + b"\n" for line in lines)

@@ -8,7 +8,6 @@ from email.utils import format_datetime
 
 import pytest
 
-from gym_collect.client import _status_error
 from gym_collect.errors import (
     AgentConnectionError,
     AgentTimeoutError,
@@ -17,7 +16,7 @@ from gym_collect.errors import (
     RolloutError,
     TransientRolloutError,
 )
-from gym_collect.retry import RetryPolicy, parse_retry_after
+from gym_collect.retry import RetryPolicy, error_for_status, parse_retry_after
 
 RETRYABLE = [408, 425, 429, 500, 502, 503, 504]
 NOT_RETRYABLE = [400, 401, 403, 404, 405, 409, 410, 413, 422, 501, 505]
@@ -25,14 +24,14 @@ NOT_RETRYABLE = [400, 401, 403, 404, 405, 409, 410, 413, 422, 501, 505]
 
 @pytest.mark.parametrize("status", RETRYABLE)
 def test_retryable_statuses_retry(status: int) -> None:
-    error = _status_error(status, None, b"busy")
+    error = error_for_status(status, None, "busy")
     assert isinstance(error, TransientRolloutError) and error.status == status
     assert RetryPolicy(max_attempts=3).next_wait_s(error, 1) is not None
 
 
 @pytest.mark.parametrize("status", NOT_RETRYABLE)
 def test_other_statuses_never_retry(status: int) -> None:
-    error = _status_error(status, None, b"bad request")
+    error = error_for_status(status, None, "bad request")
     assert isinstance(error, PermanentRolloutError)
     assert RetryPolicy(max_attempts=5).next_wait_s(error, 1) is None
     assert error.error_class == f"HTTP{status}"
@@ -59,7 +58,7 @@ def test_full_jitter_stays_under_the_exponential_cap() -> None:
 
 def test_retry_after_is_a_floor_on_the_wait() -> None:
     policy = RetryPolicy(max_attempts=5, backoff_initial_s=0.1, backoff_max_s=0.1, rng=random.Random(0))
-    error = _status_error(429, "3", b"")
+    error = error_for_status(429, "3", "")
     assert error.retry_after_s == 3.0
     assert policy.next_wait_s(error, 1) == 3.0
 

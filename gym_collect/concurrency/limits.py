@@ -82,9 +82,11 @@ class InFlightLimits:
         self._published = self.limit
 
     @classmethod
-    def from_config(cls, cfg: CollectConfig, agent_urls: Mapping[str, str]) -> InFlightLimits:
-        """From `num_samples_in_parallel`, `auto.*` and the connector limits; each agent is its own backend
-        (the one place to change when environment servers front several agents)."""
+    def from_config(cls, cfg: CollectConfig, agent_urls: Mapping[str, str],
+                    connection_limits: tuple[int, int] | None = None) -> InFlightLimits:
+        """From `num_samples_in_parallel`, `auto.*` and the connector limits (`connection_limits`: the
+        client's (in all, per host), default the config's); each agent is its own backend (the one place to
+        change when environment servers front several agents)."""
         spec = parse_parallelism(cfg.num_samples_in_parallel)
         backend_of = {agent: agent for agent in agent_urls}
         levels: dict[str, AdaptiveLimit | int | None] = {}
@@ -96,7 +98,9 @@ class InFlightLimits:
             else:
                 levels[backend] = level if isinstance(level, int) else None
         hosts = len(set(agent_urls.values())) or 1
-        bound = min(cfg.global_aiohttp_connector_limit, cfg.global_aiohttp_connector_limit_per_host * hosts)
+        limit, per_host = connection_limits or (cfg.global_aiohttp_connector_limit,
+                                                cfg.global_aiohttp_connector_limit_per_host)
+        bound = min(limit, per_host * hosts)
         shared = bound if spec.shared is None else min(spec.shared, bound)
         return cls(backend_of, levels, shared)
 

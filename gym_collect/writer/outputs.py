@@ -1,0 +1,193 @@
+"""The lifecycle of a run's output files, in one owner: check, lock, prepare (fresh, overwrite or resume),
+append, side files, close, release.
+
+    with RunOutputs(paths, reads=[input_path]) as outputs:   # refuses a path the run reads; takes the lock
+        recorded = outputs.recorded_definition()              # resume: the manifest, checked by the caller
+        prior = outputs.prepare(definition, done, ...)        # repair, fill `done`, write the manifest
+        writer = outputs.open_writer(done, ...)               # the rollout and failure lines
+        ...
+        outputs.write_metrics(doc)
+    # closed; an empty failures file removed; lock released
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import orjson
+
+from gym_collect.errors import OutputError
+from gym_collect.writer.atomic import replace_atomic, write_json_atomic
+from gym_collect.writer.done import DoneSet
+from gym_collect.writer.lines import LineFile, read_records, repair_torn_tail, rollout_line
+from gym_collect.writer.lock import OutputLock
+from gym_collect.writer.paths import OutputPaths, check_output_folder, check_output_paths
+from gym_collect.writer.reorder import RolloutWriter
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = "gym_collect.run/1"
+TASK_INDEX_KEY = "_ng_task_index"
+ROLLOUT_INDEX_KEY = "_ng_rollout_index"
+
+
+@dataclass
+class PriorOutput:
+    """What an existing output held when the run started (all zero for a fresh run)."""
+
+    rollouts: int = 0
+    failures_kept: int = 0
+    failures_redone: int = 0
+    duplicates: int = 0
+
+
+class RunOutputs:
+    """Owns the files of one run for the life of the `with` block (see the module docstring).
+
+    Args:
+        paths: the run's files.
+        reads: files the run reads (the input); none of `paths.written` may be one of them.
+
+    Raises `ConfigError` when a written path is a file the run reads or the output is a directory,
+    `OutputLockedError` when another live run holds the output, `OutputError` when a file cannot be written.
+    """
+
+    def __init__(self, paths: OutputPaths, *, reads: list[Path]) -> None:
+        self.paths = paths
+        check_output_paths(paths, reads)
+        check_output_folder(paths)
+        self._lock = OutputLock(paths.lock, paths.output)
+        self._files: list[LineFile] = []
+
+    def __enter__(self) -> RunOutputs:
+        self._lock.__enter__()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            for f in self._files:
+                f.__exit__(None, None, None)
+            self._files.clear()
+            failures = self.paths.failures
+            with contextlib.suppress(OSError):
+                if failures.exists() and failures.stat().st_size == 0:
+                    failures.unlink()
+        finally:
+            self._lock.__exit__(exc_type, exc, tb)
+
+    def existing(self) -> list[Path]:
+        """The non-empty output and failures files already there."""
+        return [p for p in (self.paths.output, self.paths.failures) if p.exists() and p.stat().st_size > 0]
+
+    def recorded_definition(self) -> dict[str, Any] | None:
+        """The definition in the existing manifest, or None when there is none.
+
+        Raises `OutputError` when the manifest is unreadable.
+        """
+        path = self.paths.manifest
+        if not path.exists():
+            return None
+        try:
+            recorded = orjson.loads(path.read_bytes())["definition"]
+            if not isinstance(recorded, dict):
+                raise TypeError("definition is not an object")
+        except (OSError, orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise OutputError(f"{path}: unreadable run manifest ({exc}); use overwrite=true to start over") from exc
+        return recorded
+
+    def prepare(
+        self,
+        manifest: dict[str, Any],
+        done: DoneSet,
+        *,
+        resume: bool,
+        overwrite: bool,
+        keep_failure: Callable[[dict[str, Any]], bool],
+        on_prior_rollout: Callable[[dict[str, Any]], None],
+    ) -> PriorOutput:
+        """Make the files ready for this run and fill `done` with what the output already holds.
+
+        Fresh: refuse an existing non-empty output (`OutputError`) unless `resume` or `overwrite`.
+        Overwrite: remove every file of the run. Resume: cut torn last lines, mark each written pair in
+        `done` (a pair written twice or outside the selection is counted in `duplicates` and left alone),
+        keep the failure records for which `keep_failure` is true (and whose pair is not done) and drop the
+        others, to be redone. Then write `manifest` atomically.
+        """
+        prior = PriorOutput()
+        existing = self.existing()
+        if existing and not (resume or overwrite):
+            raise OutputError(
+                f"{existing[0]} already exists and is not empty: pass resume=true to finish that run, "
+                "or overwrite=true to start over"
+            )
+        if overwrite:
+            for p in self.paths.written:
+                if p != self.paths.lock:
+                    p.unlink(missing_ok=True)
+        elif resume and existing:
+            repair_torn_tail(self.paths.output)
+            for line_no, record in read_records(self.paths.output):
+                if done.add(*record_pair(record, self.paths.output, line_no)):
+                    prior.rollouts += 1
+                    on_prior_rollout(record)
+                else:
+                    prior.duplicates += 1
+            self._keep_failures(done, keep_failure, prior)
+        write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, **manifest})
+        return prior
+
+    def open_writer(self, done: DoneSet, *, ordered: bool, window: int) -> RolloutWriter:
+        """Open the rollout and failure files for appending (closed when the block ends)."""
+        rollouts, failures = LineFile(self.paths.output), LineFile(self.paths.failures)
+        for f in (rollouts, failures):
+            f.__enter__()
+            self._files.append(f)
+        return RolloutWriter(rollouts, failures, done, ordered=ordered, window=window)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        """Replace `<stem>_status.json` (live progress; not fsynced, it is rewritten every few seconds)."""
+        replace_atomic(self.paths.status, orjson.dumps(status, option=orjson.OPT_INDENT_2), durable=False)
+
+    def write_metrics(self, metrics: dict[str, Any]) -> None:
+        """Replace `<stem>_metrics.json` durably."""
+        write_json_atomic(self.paths.metrics, metrics)
+
+    def _keep_failures(self, done: DoneSet, keep: Callable[[dict[str, Any]], bool], prior: PriorOutput) -> None:
+        path = self.paths.failures
+        if not path.exists():
+            return
+        repair_torn_tail(path)
+        kept: list[bytes] = []
+        for line_no, record in read_records(path):
+            pair = record_pair(record, path, line_no)
+            if keep(record) and done.add(*pair):
+                kept.append(rollout_line(record))
+            else:
+                prior.failures_redone += 1
+        prior.failures_kept = len(kept)
+        replace_atomic(path, b"".join(kept))
+
+
+def count_done(paths: OutputPaths, done: DoneSet) -> int:
+    """Mark in `done` the pairs the existing output holds, reading only (a torn last line is passed over);
+    returns how many were marked. Raises `OutputError` for a line that is not a rollout."""
+    marked = 0
+    for line_no, record in read_records(paths.output, skip_torn_tail=True):
+        marked += done.add(*record_pair(record, paths.output, line_no))
+    return marked
+
+
+def record_pair(record: dict[str, Any], path: Path, line_no: int) -> tuple[int, int]:
+    """(task, rollout) of an output or failure record; raises `OutputError` naming `file:line` without them."""
+    task, rollout = record.get(TASK_INDEX_KEY), record.get(ROLLOUT_INDEX_KEY)
+    if not isinstance(task, int) or not isinstance(rollout, int) or isinstance(task, bool):
+        raise OutputError(f"{path}:{line_no}: no {TASK_INDEX_KEY}/{ROLLOUT_INDEX_KEY}; cannot resume from it")
+    return task, rollout

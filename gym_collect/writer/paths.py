@@ -1,0 +1,111 @@
+"""The files of a run, named from the output's stem, and the check that none of them is a file the run reads."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from gym_collect.errors import ConfigError, OutputError
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    """The files of a run, named from the output's stem: `rollouts.jsonl` -> `rollouts_failures.jsonl`..."""
+
+    output: Path
+
+    def _beside(self, suffix: str) -> Path:
+        return self.output.with_name(self.output.stem + suffix)
+
+    @property
+    def failures(self) -> Path:
+        """Rollouts that failed for good, one JSON object a line."""
+        return self._beside("_failures.jsonl")
+
+    @property
+    def metrics(self) -> Path:
+        """Counts, throughput, latency and field statistics, written at the end."""
+        return self._beside("_metrics.json")
+
+    @property
+    def manifest(self) -> Path:
+        """What defines the run, checked on resume."""
+        return self._beside("_run.json")
+
+    @property
+    def status(self) -> Path:
+        """Live progress, rewritten every few seconds."""
+        return self._beside("_status.json")
+
+    @property
+    def lock(self) -> Path:
+        """Held for the whole run, so that one run at a time owns the output."""
+        return self._beside("_run.lock")
+
+    @property
+    def written(self) -> tuple[Path, ...]:
+        """Every path a run may create, append to, truncate, replace or unlink."""
+        return (self.output, self.failures, self.metrics, self.manifest, self.status, self.lock)
+
+
+def check_input_file(path: Path) -> os.stat_result:
+    """Stat the input and insist on a regular file: the run reads it twice (a check pass, then dispatch) and
+    resume reads it again, which a FIFO, `/dev/stdin` or a process substitution cannot give.
+
+    Raises `ConfigError` naming the path and what to do.
+    """
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: input file not found; check input_jsonl_fpath") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the input file ({exc.strerror})") from exc
+    if stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{path}: input_jsonl_fpath is a directory; pass the JSONL file inside it")
+    if not stat.S_ISREG(info.st_mode):
+        raise ConfigError(
+            f"{path}: input_jsonl_fpath is not a regular file (a pipe or device): the input is read twice and "
+            "again on resume; save it to a file first (e.g. `cat ... > prompts.jsonl`)"
+        )
+    return info
+
+
+def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
+    """Refuse a run whose written files include a file it reads, or whose output is not a file path.
+
+    Two paths are the same file when their resolved paths are equal or `os.path.samefile` says so (links,
+    bind mounts). Raises `ConfigError` naming both and what to do.
+    """
+    if paths.output.is_dir():
+        raise ConfigError(
+            f"{paths.output}: output_jsonl_fpath is a directory; pass a file path such as "
+            f"{paths.output / 'rollouts.jsonl'}"
+        )
+    for written in paths.written:
+        for read in reads:
+            if _same_file(written, read):
+                which = "output_jsonl_fpath" if written == paths.output else f"the side file {written.name}"
+                raise ConfigError(
+                    f"{read}: the input would be overwritten: it is {which} of output {paths.output}; "
+                    "choose another output_jsonl_fpath"
+                )
+
+
+def check_output_folder(paths: OutputPaths) -> None:
+    """Refuse an output whose folder exists as a file; raises `OutputError`."""
+    for parent in paths.output.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"{parent}: is a file, so {paths.output} cannot be created; choose another path")
+            return
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False

@@ -1,0 +1,472 @@
+"""Data safety under hostile conditions, against real loopback servers, real files and the real command:
+the input is never touched, one run owns an output, the exit code tells the truth, secrets go nowhere,
+HTTP and the operating system are handled, and every user error is one line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+from aiohttp import web
+
+from gym_collect.collect import EXIT_ERROR, EXIT_FAILURES, EXIT_OK, collect
+from gym_collect.errors import ConfigError, InputError
+from gym_collect.shutdown import EXIT_INTERRUPTED
+from gym_collect.sim_agent import SimAgent, SimAgentConfig, SimAgentThread
+from tests.conftest import config, make_rows, pairs, read_jsonl, write_rows
+from tests.servers import LoopbackServer, echo_rollout
+
+COLLECT = str(Path(sys.executable).parent / "collect_rollouts")
+SIDE_SUFFIXES = ["", "_failures.jsonl", "_metrics.json", "_run.json", "_status.json", "_run.lock"]
+WAIT_S = 30.0
+
+
+def cli(cwd: Path, env: dict[str, str], *args: str, timeout: float = 120, **popen: Any) -> tuple[int, str]:
+    """Run `collect_rollouts` in `cwd`; (exit code, stdout and stderr together)."""
+    proc = subprocess.run([COLLECT, "progress=false", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, timeout=timeout, check=False, **popen)
+    return proc.returncode, proc.stdout.decode()
+
+
+def one_error_line(output: str) -> str:
+    """The output must be one error line (what, where, what to do) and no traceback; returns it."""
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if "ERROR" in line or "error:" in line]
+    assert len(errors) == 1, output
+    return errors[0]
+
+
+def files_under(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+class Gate:
+    """Holds `/run` requests until released; `arrived` is set by the first one."""
+
+    def __init__(self) -> None:
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    async def run(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.set()
+        await asyncio.get_running_loop().run_in_executor(None, self.release.wait, WAIT_S)
+        return await echo_rollout(request)
+
+
+# The input is never touched --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["fresh", "resume", "overwrite"])
+@pytest.mark.parametrize("suffix", SIDE_SUFFIXES)
+async def test_the_input_is_never_a_file_the_run_writes(tmp_path: Path, sim: SimAgent, mode: str,
+                                                        suffix: str) -> None:
+    out = tmp_path / "x.jsonl"
+    inp = write_rows(out.with_name(out.stem + suffix) if suffix else out, make_rows(5))
+    before = inp.read_bytes()
+    flags = {} if mode == "fresh" else {mode: True}
+    with pytest.raises(ConfigError, match="the input would be overwritten"):
+        await collect(config(inp, out, sim.url, **flags))
+    assert inp.read_bytes() == before
+    assert files_under(tmp_path) == [inp.name]
+
+
+@pytest.mark.parametrize("link", ["symlink", "hardlink", "dotted path"])
+async def test_the_input_reached_through_another_path_is_refused_too(tmp_path: Path, sim: SimAgent,
+                                                                     link: str) -> None:
+    (tmp_path / "data").mkdir()
+    inp = write_rows(tmp_path / "data" / "in.jsonl", make_rows(5))
+    before = inp.read_bytes()
+    out = tmp_path / "out.jsonl"
+    if link == "symlink":
+        out.symlink_to(inp)
+    elif link == "hardlink":
+        os.link(inp, out)
+    else:
+        out = tmp_path / "data" / ".." / "data" / "in.jsonl"
+    with pytest.raises(ConfigError, match="the input would be overwritten"):
+        await collect(config(inp, out, sim.url, overwrite=True))
+    assert inp.read_bytes() == before
+
+
+# One run owns an output ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("second", ["fresh", "resume=true", "overwrite=true"])
+def test_a_second_run_on_a_live_output_is_refused_and_nothing_is_duplicated(
+    tmp_path: Path, clean_env: dict[str, str], second: str
+) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(30))
+    gate = Gate()
+    with LoopbackServer({"POST /run": gate.run}) as server:
+        args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", f"agent_url={server.url}",
+                "num_samples_in_parallel=4"]
+        first = subprocess.Popen([COLLECT, "progress=false", *args], cwd=tmp_path, env=clean_env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert gate.arrived.wait(WAIT_S)
+            code, output = cli(tmp_path, clean_env, *args, *([] if second == "fresh" else [second]))
+        finally:
+            gate.release.set()
+            first_output, _ = first.communicate(timeout=WAIT_S)
+    line = one_error_line(output)
+    assert code == EXIT_ERROR
+    assert "being written by another run" in line and f"pid {first.pid}" in line
+    assert first.returncode == EXIT_OK, first_output.decode()
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(30)]
+    assert not (tmp_path / "out_run.lock").exists()
+
+
+def test_a_killed_runs_lock_is_released_by_the_kernel(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(20))
+    gate = Gate()
+    with LoopbackServer({"POST /run": gate.run}) as server:
+        args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", f"agent_url={server.url}"]
+        first = subprocess.Popen([COLLECT, "progress=false", *args], cwd=tmp_path, env=clean_env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert gate.arrived.wait(WAIT_S)
+        first.kill()
+        first.wait(WAIT_S)
+        assert (tmp_path / "out_run.lock").exists()  # left behind, but no longer held
+        gate.release.set()
+        code, output = cli(tmp_path, clean_env, *args, "resume=true")
+    assert code == EXIT_OK, output
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(20)]
+
+
+# The exit code tells the truth ---------------------------------------------------------------------------------
+
+async def test_answers_that_are_never_persisted_do_not_count_as_done(tmp_path: Path) -> None:
+    async def no_persist(request: web.Request) -> web.Response:
+        return web.json_response({"_ng_no_persist": True})
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(6))
+    with LoopbackServer({"POST /run": no_persist}) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url))
+    assert result.exit_code == EXIT_FAILURES
+    assert result.metrics is not None and result.metrics["rollouts"]["missing"] == 6
+    assert read_jsonl(tmp_path / "out.jsonl") == []
+
+
+@pytest.mark.parametrize("change", ["truncate", "append", "edit"])
+async def test_an_input_changed_during_the_run_is_reported(tmp_path: Path, change: str) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(400))
+    original = inp.read_bytes()
+    changed = threading.Event()
+
+    async def change_input_then_answer(request: web.Request) -> web.Response:
+        if not changed.is_set():
+            changed.set()
+            if change == "truncate":
+                inp.write_bytes(original[: len(original) // 4])
+            elif change == "append":
+                with inp.open("ab") as f:
+                    f.write(b"".join(orjson.dumps(r) + b"\n" for r in make_rows(200)))
+            else:
+                inp.write_bytes(original.replace(b"What is 399", b"What is 398"))
+        return await echo_rollout(request)
+
+    with LoopbackServer({"POST /run": change_input_then_answer}) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, num_samples_in_parallel=2))
+    assert result.exit_code == EXIT_ERROR
+    assert result.metrics is not None and result.metrics["input_changed"]
+    written = pairs(read_jsonl(tmp_path / "out.jsonl"))
+    assert len(written) == len(set(written)) and all(t < 400 for t, _ in written)
+
+
+async def test_resume_refuses_an_input_edited_anywhere(tmp_path: Path, sim: SimAgent) -> None:
+    rows = [{**row, "pad": "x" * 100} for row in make_rows(30_000)]  # about 4 MB
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    assert (await collect(config(inp, out, sim.url, end_idx=4))).exit_code == EXIT_OK
+    data = bytearray(inp.read_bytes())
+    middle = len(data) // 2 + data[len(data) // 2:].index(b"x")
+    data[middle:middle + 1] = b"y"
+    inp.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="resume refused.*input"):
+        await collect(config(inp, out, sim.url, end_idx=4, resume=True))
+
+
+# Secrets go nowhere ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_secrets_echoed_in_error_bodies_reach_no_file_and_no_output(tmp_path: Path, clean_env: dict[str, str],
+                                                                    where: str) -> None:
+    async def echo_headers_in_500(request: web.Request) -> web.Response:
+        echoed = {"authorization": request.headers.get("Authorization"), "headers": dict(request.headers)}
+        return web.json_response(echoed, status=500)
+
+    write_rows(tmp_path / "in.jsonl", make_rows(3))
+    secret = "tok-4f9c2a77e1d0b8" if where == "header" else "pw-93be01c4"
+    with LoopbackServer({"POST /run": echo_headers_in_500}) as server:
+        if where == "header":
+            credentials = [f"agent_url={server.url}", f"headers.Authorization=Bearer {secret}"]
+        else:
+            credentials = [f"agent_url={server.url.replace('http://', f'http://agent:{secret}@')}"]
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           *credentials, "max_attempts=2", "backoff_initial_s=0.01", "backoff_max_s=0.01")
+    assert code == EXIT_FAILURES, output
+    failures = read_jsonl(tmp_path / "out_failures.jsonl")
+    assert len(failures) == 3 and all("<redacted>" in f["message"] for f in failures)
+    assert secret not in output
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+# HTTP and the operating system -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+async def test_a_redirect_never_turns_post_into_a_saved_get(tmp_path: Path, status: int) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=status, headers={"Location": "/elsewhere"})
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(2))
+    routes = {"POST /run": moved, "GET /elsewhere": echo_rollout, "POST /elsewhere": echo_rollout}
+    with LoopbackServer(routes) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url))
+    assert result.exit_code == EXIT_FAILURES
+    assert read_jsonl(tmp_path / "out.jsonl") == []
+    failures = read_jsonl(tmp_path / "out_failures.jsonl")
+    assert {f["error_class"] for f in failures} == {f"HTTP{status}"}
+    assert all("/elsewhere" in f["message"] and f["attempts"] == 1 for f in failures)
+    assert server.requests.get("GET /elsewhere", 0) == server.requests.get("POST /elsewhere", 0) == 0
+
+
+async def test_a_307_or_308_to_the_same_server_reposts_the_same_body(tmp_path: Path) -> None:
+    async def moved(request: web.Request) -> web.Response:
+        return web.Response(status=307 if request.path == "/run" else 308, headers={"Location": "/final"})
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    with LoopbackServer({"POST /run": moved, "POST /hop": moved, "POST /final": echo_rollout}) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url))
+    assert result.exit_code == EXIT_OK
+    written = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(pairs(written)) == [(0, 0), (1, 0), (2, 0)]
+    assert all(r["responses_create_params"]["input"][0]["content"].startswith("What is") for r in written)
+
+
+def test_unset_parallelism_stays_within_a_low_open_file_limit(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(3000))
+
+    def low_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+    with SimAgentThread(SimAgentConfig(capacity=4096, service_time_s=0.2, service_sigma=0.1)) as sim:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           f"agent_url={sim.url}", preexec_fn=low_limit)
+        peak = sim.stats.max_in_flight
+    assert code == EXIT_OK, output
+    assert "Open-file limit 1024" in output
+    assert 500 < peak < 1024
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(3000)]
+
+
+async def test_waiting_for_a_pooled_connection_is_not_counted_as_a_timeout(tmp_path: Path) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(60))
+    async with SimAgent(SimAgentConfig(capacity=100, service_time_s=0.3, service_sigma=0.0)) as sim:
+        result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, num_samples_in_parallel=100,
+                                      global_aiohttp_connector_limit=10, request_timeout_s=1.0))
+    assert result.exit_code == EXIT_OK
+    assert result.metrics is not None and result.metrics["attempts"] == 60 and result.metrics["retries"] == 0
+    assert sim.stats.max_in_flight == 10
+
+
+# Signals in every phase ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_during_start_up_ends_with_one_line_and_130(tmp_path: Path, clean_env: dict[str, str],
+                                                            sig: signal.Signals) -> None:
+    asked = threading.Event()
+
+    async def hang(request: web.Request) -> web.Response:
+        asked.set()
+        await asyncio.sleep(WAIT_S)
+        return web.json_response("{}")
+
+    write_rows(tmp_path / "in.jsonl", make_rows(5))
+    with LoopbackServer({"GET /global_config_dict_yaml": hang}) as head:
+        proc = subprocess.Popen(
+            [COLLECT, "progress=false", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+             "agent_name=my_agent", f"head_server_url={head.url}", "connect_timeout_s=60"],
+            cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert asked.wait(WAIT_S)
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=WAIT_S)[0].decode()
+    assert proc.returncode == EXIT_INTERRUPTED, output
+    assert "Traceback" not in output and f"Interrupted by {sig.name} during start-up" in output
+    assert not (tmp_path / "out.jsonl").exists() and not (tmp_path / "out_run.lock").exists()
+
+
+def test_a_signal_while_the_last_rollout_is_in_flight_still_ends_complete(tmp_path: Path,
+                                                                           clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(5))
+    pid: list[int] = []
+    seen = []
+
+    async def signal_on_last(request: web.Request) -> web.Response:
+        seen.append(1)
+        if len(seen) == 5:
+            os.kill(pid[0], signal.SIGTERM)
+            await asyncio.sleep(0.2)  # the answer arrives after the signal
+        return await echo_rollout(request)
+
+    with LoopbackServer({"POST /run": signal_on_last}) as server:
+        proc = subprocess.Popen(
+            [COLLECT, "progress=false", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+             f"agent_url={server.url}", "num_samples_in_parallel=1"],
+            cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        pid.append(proc.pid)
+        output = proc.communicate(timeout=WAIT_S)[0].decode()
+    assert proc.returncode == EXIT_OK, output
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(5)]
+    assert orjson.loads((tmp_path / "out_metrics.json").read_bytes())["rollouts"]["missing"] == 0
+
+
+# Expected comforts -----------------------------------------------------------------------------------------------
+
+def test_dry_run_sends_nothing_and_writes_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", [*make_rows(4), *make_rows(2, agent_ref={"name": "other"})])
+    with SimAgentThread(agent_names=("sim_agent", "other")) as sim:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=o/out.jsonl",
+                           "agent_name=sim_agent", f"head_server_url={sim.url}", "num_repeats=3", "dry_run=true")
+        requests = sim.stats.requests
+    assert code == EXIT_OK, output
+    assert requests == 0
+    assert files_under(tmp_path) == ["in.jsonl"]
+    assert "rows [0, 6) of 6, 3 repeats: 18 rollouts" in output
+    assert "agent other: 6 rollouts" in output and "agent sim_agent: 12 rollouts" in output
+
+
+def test_dry_run_tells_what_resume_would_skip(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(10))
+    with SimAgentThread() as sim:
+        args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", f"agent_url={sim.url}"]
+        assert cli(tmp_path, clean_env, *args, "end_idx=10")[0] == EXIT_OK
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        code, output = cli(tmp_path, clean_env, *args, "end_idx=10", "resume=true", "dry_run=true")
+    assert code == EXIT_OK, output
+    assert "Resume: 10 rollouts already written would be skipped, 0 would be collected" in output
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+async def test_agent_url_alone_sends_every_row_there(tmp_path: Path) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(4))
+    with LoopbackServer({"POST /run": echo_rollout}) as server:
+        cfg = config(inp, tmp_path / "out.jsonl", server.url, agent_name=None)
+        result = await collect(cfg)
+    assert result.exit_code == EXIT_OK
+    written = read_jsonl(tmp_path / "out.jsonl")
+    assert sorted(pairs(written)) == [(t, 0) for t in range(4)]
+    assert all("agent_ref" not in r for r in written)  # the tool invents no agent name
+
+
+def test_side_files_have_the_outputs_mode(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    async def fail_first(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["_ng_task_index"] == 0:
+            return web.json_response({"error": "bad row"}, status=400)
+        return await echo_rollout(request)
+
+    write_rows(tmp_path / "in.jsonl", make_rows(3))
+    with LoopbackServer({"POST /run": fail_first}) as server:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           f"agent_url={server.url}")
+    assert code == EXIT_FAILURES, output
+    modes = {name: (tmp_path / name).stat().st_mode & 0o777
+             for name in ("out.jsonl", "out_failures.jsonl", "out_metrics.json", "out_run.json", "out_status.json")}
+    assert set(modes.values()) == {0o644}, modes
+
+
+# Every user error is one line ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["agent_url=localhost:8000"], "agent_url='localhost:8000' is not a server address"),
+    (["agent_url=http://127.0.0.1:abc"], "not a server address"),
+    (["agent_url=http://127.0.0.1:99999"], "not a server address"),
+    (["output_jsonl_fpath=outdir"], "is a directory"),
+    (["start_idx=50"], "has 5 rows, none in the selection"),
+    (["input_jsonl_fpath=empty.jsonl"], "has no rows"),
+    (["input_jsonl_fpath=missing.jsonl"], "input file not found"),
+])
+def test_user_errors_are_one_line(tmp_path: Path, clean_env: dict[str, str], args: list[str],
+                                  expected: str) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(5))
+    (tmp_path / "empty.jsonl").write_bytes(b"\n\n")
+    (tmp_path / "outdir").mkdir()
+    code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                       "agent_url=http://127.0.0.1:9", *args)
+    assert code == EXIT_ERROR
+    assert expected in one_error_line(output)
+
+
+@pytest.mark.parametrize("entry", [{"host": "127.0.0.1", "port": "abc"}, {"host": "127.0.0.1"}, {"port": 8000}])
+def test_a_head_server_entry_without_a_usable_address_is_one_line(tmp_path: Path, clean_env: dict[str, str],
+                                                                  entry: dict[str, Any]) -> None:
+    document = {"my_agent": {"responses_api_agents": {"simple_agent": entry}}}
+
+    async def head(request: web.Request) -> web.Response:
+        return web.json_response(yaml.safe_dump(document))
+
+    write_rows(tmp_path / "in.jsonl", make_rows(2))
+    with LoopbackServer({"GET /global_config_dict_yaml": head}) as server:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           "agent_name=my_agent", f"head_server_url={server.url}")
+    assert code == EXIT_ERROR
+    assert "gives agent 'my_agent' no usable address" in one_error_line(output)
+
+
+def test_a_head_server_that_never_answers_fails_within_the_connect_timeout(tmp_path: Path,
+                                                                            clean_env: dict[str, str]) -> None:
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(WAIT_S)
+        return web.json_response("{}")
+
+    write_rows(tmp_path / "in.jsonl", make_rows(2))
+    with LoopbackServer({"GET /global_config_dict_yaml": hang}) as server:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           "agent_name=my_agent", f"head_server_url={server.url}", "connect_timeout_s=1")
+    assert code == EXIT_ERROR
+    assert "did not answer within 1 s" in one_error_line(output)
+
+
+@pytest.mark.parametrize("source", ["fifo", "/dev/stdin"])
+def test_an_input_that_is_not_a_regular_file_is_refused_at_start(tmp_path: Path, clean_env: dict[str, str],
+                                                                 source: str) -> None:
+    if source == "fifo":
+        os.mkfifo(tmp_path / "in.jsonl")
+        path = "in.jsonl"
+    else:
+        path = source
+    code, output = cli(tmp_path, clean_env, f"input_jsonl_fpath={path}", "output_jsonl_fpath=out.jsonl",
+                       "agent_url=http://127.0.0.1:9", stdin=subprocess.PIPE if source != "fifo" else None,
+                       timeout=30)
+    assert code == EXIT_ERROR
+    assert "is not a regular file" in one_error_line(output)
+
+
+async def test_resume_over_a_line_whose_agent_ref_is_null(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    out = tmp_path / "out.jsonl"
+    assert (await collect(config(inp, out, sim.url))).exit_code == EXIT_OK
+    lines = read_jsonl(out)
+    lines[0]["agent_ref"] = None
+    out.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in lines[:2]))
+    result = await collect(config(inp, out, sim.url, resume=True))
+    assert result.exit_code == EXIT_OK
+    assert sorted(pairs(read_jsonl(out))) == [(0, 0), (1, 0), (2, 0)]
+
+
+async def test_an_empty_shard_is_not_an_error(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(2))
+    result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, num_shards=4, shard_id=0))
+    assert result.exit_code == EXIT_OK
+    with pytest.raises(InputError, match="none in the selection"):
+        await collect(config(inp, tmp_path / "b.jsonl", sim.url, start_idx=2))
