@@ -39,8 +39,8 @@ class SlowStart:
     mistaken for a queue (latency per token: the decode-time metric of LLM serving, e.g. TPOT in
     Agrawal et al., "Taming Throughput-Latency Tradeoff in LLM Inference with Sarathi-Serve", OSDI 2024).
 
-    Exits: "delay" (trusted only after throughput grew in two rounds, so the lowest round did not queue) as
-    HyStart++ (RFC 9406 §4.2: the current round's latency, once it has
+    Exits: "delay" (trusted once throughput grew over two rounds, or when the knee it implies is well above
+    the lowest round's in-flight: otherwise that round may have queued too) as HyStart++ (RFC 9406 §4.2: the current round's latency, once it has
     `min_round_samples`, exceeds the lowest earlier round's by `delay_threshold`, here relative and beyond
     two standard errors of the round so far); "plateau" as BBR's full-pipe test (Cardwell et al., "BBR:
     Congestion-Based Congestion Control", ACM Queue 14(5), 2016: work throughput, mean in-flight / latency
@@ -73,6 +73,7 @@ class SlowStart:
         self._grown_rounds = 0
         self._round_peak = 0
         self._last_peak = 0
+        self._min_in_flight = 0.0
         self._round_est = 0.0
         self._grown_est = 0.0
 
@@ -101,9 +102,11 @@ class SlowStart:
             sd_u = math.sqrt(max(0.0, self._u_sq_sum / n - mean_u * mean_u))
             stderr_u = sd_u / math.sqrt(n) * cur_u / max(mean_u, 1e-12)
             if cur_u - 2.0 * stderr_u > (1.0 + self.delay_threshold) * self._min_u:
-                if self._grown_rounds < 2:  # throughput never grew: the lowest round may have queued too
-                    return est, SlowStartExit("plateau", self._min_u, self._min_s, self._grown_est)
                 no_queue = self._in_flight_sum / n * self._min_u / cur_u
+                # Trust the lowest round as unqueued once throughput grew past it, or when the knee this
+                # implies lies well above that round's in-flight; else it may have queued too.
+                if self._grown_rounds < 2 and no_queue < 1.25 * self._min_in_flight:
+                    return est, SlowStartExit("plateau", self._min_u, self._min_s, self._grown_est)
                 return est, SlowStartExit("delay", self._min_u, self._min_s, no_queue)
         if n >= self._target:
             # Work throughput by Little's law (mean in-flight / latency per unit of work): a count of
@@ -117,6 +120,7 @@ class SlowStart:
                 self._flat_rounds += 1
             if self._min_u is None or cur_u < self._min_u:
                 self._min_u, self._min_s = cur_u, self._lat_sum_s / n
+                self._min_in_flight = self._in_flight_sum / n
             self._start_s, self._target = now_s, max(self.min_round_samples, math.ceil(est))
             self._round_est = est
             self._last_peak, self._round_peak = self._round_peak, 0
