@@ -42,9 +42,10 @@ class SlowStart:
     Exits: "delay" as HyStart++ (RFC 9406 §4.2: the current round's latency, once it has `min_round_samples`,
     exceeds the lowest earlier round's by `delay_threshold`, here relative and beyond two standard errors of
     the round so far), trusted once throughput grew over two rounds or when the knee it implies lies well
-    above the lowest round's in-flight (otherwise that round may have queued too); "plateau" as BBR's full-pipe test (Cardwell et al., "BBR:
-    Congestion-Based Congestion Control", ACM Queue 14(5), 2016: work throughput, mean in-flight / latency
-    per unit of work, grew less than `plateau_gain` for `plateau_rounds` rounds).
+    above the lowest round's in-flight (otherwise that round may have queued too); "plateau" as BBR's
+    full-pipe test (Cardwell et al., "BBR: Congestion-Based Congestion Control", ACM Queue 14(5), 2016: work
+    throughput, mean in-flight / latency per unit of work, grew less than `plateau_gain` for
+    `plateau_rounds` rounds).
     """
 
     def __init__(
