@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from gym_collect.client import AgentClient, socket_budget
+from gym_collect.concurrency.limits import InFlightLimits
 from gym_collect.config import CollectConfig
 from gym_collect.deadline import ADAPTIVE_MARGIN_PERCENTILE, DispatchDeadline
 from gym_collect.deadline import REASON as DISPATCH_BUDGET
 from gym_collect.errors import GymCollectError, InputError
-from gym_collect.gate import ConcurrencyGate
-from gym_collect.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.nemo.head import HeadDocument, fetch_head_document
 from gym_collect.nemo.keys import notices
@@ -54,8 +53,6 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_FAILURES, EXIT_STOPPED = 0, 2, 3, 4
 ROUTING_KEYS = ("agent_map", "fan_out", "environment_server_name", "prompt_config", "num_repeats_add_seed")
-REORDER_WINDOW_PER_SLOT = 32
-MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
 
 
 @dataclass
@@ -177,9 +174,9 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                             paths.output, prior.duplicates)
             metrics.skipped_resume = done.count
             urls = {agent: route.url for agent, route in routes.items()}
-            gate, adaptive = _make_gate(cfg, urls, client)
+            limits = InFlightLimits.from_config(cfg, urls, client.connection_limits)
             writer = outputs.open_writer(ordered=cfg.output_order == "input",
-                                         window=cfg.reorder_window or _reorder_window(cfg, gate))
+                                         window=cfg.reorder_window or limits.reorder_window())
             skipped = [0]
 
             def is_done(task: int, rollout: int) -> bool:
@@ -203,7 +200,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     client=client, agent_urls=urls, result_fields={a: r.stamps for a, r in routes.items()},
                     writer=writer, metrics=metrics, progress=progress,
                     policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
-                    gate=gate, adaptive=adaptive,
+                    limits=limits,
                     budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
                     write_status=outputs.write_status, run_key=run_key(definition),
                     status_every_s=cfg.status_every_s,
@@ -215,7 +212,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     shutdown.finishing()
         change = rows.check_unchanged()
         in_output = skipped[0] + writer.written
-        document = metrics.snapshot(_limit_history(adaptive, metrics.started))
+        document = metrics.snapshot(limits.history_since(metrics.started))
         document["rollouts"]["in_output"] = in_output
         document["rollouts"]["missing"] = expected - in_output
         document["input_changed"] = change
@@ -388,32 +385,6 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
         lines.append("overwrite=true: the existing output and its side files would be removed first")
     print("\n".join(lines), flush=True)
     return RunResult(EXIT_OK, None, paths.output)
-
-
-def _make_gate(cfg: CollectConfig, urls: dict[str, str],
-               client: AgentClient) -> tuple[ConcurrencyGate, AdaptiveLimit | None]:
-    if cfg.is_auto:
-        adaptive = AdaptiveLimit(AdaptiveLimitConfig(initial=cfg.auto.initial, min=cfg.auto.min, max=cfg.auto.max))
-        return ConcurrencyGate(adaptive.limit), adaptive
-    if cfg.parallelism_limit is not None:
-        return ConcurrencyGate(cfg.parallelism_limit), None
-    hosts = len(set(urls.values())) or 1
-    limit, per_host = client.connection_limits
-    return ConcurrencyGate(min(limit, per_host * hosts)), None
-
-
-def _reorder_window(cfg: CollectConfig, gate: ConcurrencyGate) -> int:
-    """Held rollouts at most for `output_order=input`: 32 per slot of the largest limit, in [4096, 65536]."""
-    slots = cfg.auto.max if cfg.is_auto else (gate.limit or MAX_REORDER_WINDOW)
-    return min(MAX_REORDER_WINDOW, max(MIN_REORDER_WINDOW, REORDER_WINDOW_PER_SLOT * slots))
-
-
-def _limit_history(adaptive: AdaptiveLimit | None, started: float) -> list[tuple[float, int]]:
-    """The adaptive limit's bounded history as (seconds since `started`, limit), from its initial value."""
-    if adaptive is None:
-        return []
-    points = [(round(max(0.0, t - started), 3), limit) for t, limit in adaptive.history]
-    return [(0.0, adaptive.config.initial), *points]
 
 
 def _exit_code(metrics: RunMetrics, complete: bool, input_change: str | None) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 
 from yarl import URL
 
+from gym_collect.concurrency.spec import parse_parallelism
 from gym_collect.errors import ConfigError
 from gym_collect.nemo.keys import NemoGymOnlyKeys
 from gym_collect.redact import display_url
@@ -174,7 +175,7 @@ class CollectConfig(NemoGymOnlyKeys):
             self.head_server_url = f"http://{self.head_server.host}:{self.head_server.port}"
         if self.route_failures_to_sidecar is False and self.max_failures is None:
             self.max_failures = 1  # NeMo Gym: without the sidecar, one rollout failed for good ends the run
-        self.num_samples_in_parallel = _parse_parallelism(self.num_samples_in_parallel)
+        self.num_samples_in_parallel = parse_parallelism(self.num_samples_in_parallel).to_config_value()
         for name in ("global_aiohttp_connector_limit", "global_aiohttp_connector_limit_per_host"):
             value = getattr(self, name)
             _require(value >= 0, name, value, "an integer >= 0 (0: as many as the open-file limit allows)")
@@ -254,14 +255,14 @@ class CollectConfig(NemoGymOnlyKeys):
 
     @property
     def parallelism_limit(self) -> int | None:
-        """The fixed in-flight limit, or None when unset or `auto`."""
+        """The fixed in-flight limit shared by all backends, or None when unset, `auto` or a map."""
         value = self.num_samples_in_parallel
         return value if isinstance(value, int) else None
 
     @property
     def is_auto(self) -> bool:
-        """True when `num_samples_in_parallel=auto`."""
-        return bool(self.num_samples_in_parallel == "auto")
+        """True when some backend's limit is adaptive (`auto`, or `auto` in a map)."""
+        return parse_parallelism(self.num_samples_in_parallel).any_auto
 
 
 def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
@@ -278,18 +279,6 @@ def config_keys(schema: type = CollectConfig, prefix: str = "") -> list[str]:
 def open_keys(schema: type = CollectConfig) -> list[str]:
     """Keys whose values are free-form mappings: any sub-key is valid (`headers.Authorization`)."""
     return [f.name for f in fields(schema) if str(f.type).startswith(("dict", "Any"))]
-
-
-def _parse_parallelism(value: Any) -> int | str | None:
-    if value is None or value == "auto":
-        return value  # type: ignore[no-any-return]
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"num_samples_in_parallel={value!r} is invalid: use an integer >= 1, 'auto', or null (no limit)"
-        )
-    return value
 
 
 def check_url(name: str, url: str | None) -> None:

@@ -3,9 +3,10 @@
 Task topology of `Runner.run`, all in one `asyncio.TaskGroup`:
 
     run
-    ├── dispatch     pulls the next request only when the reorder window has room and the gate gives
-    │                a permit, then starts one rollout task for it
-    ├── rollout ×N   N <= the in-flight limit; attempts with retries, then hands the outcome to the writer
+    ├── dispatch     reads requests into a bounded per-backend read-ahead and starts the first one whose
+    │                backend has room in the in-flight limits (and, in input order, the reorder window)
+    ├── rollout ×N   N <= the in-flight limits; attempts with retries (parked without a permit between
+    │                them), reports each outcome to the limits, then hands it to the writer
     └── report       every `status_every_s`: status file, progress postfix / log line
 
 Stopping (signal or failure budget) cancels `dispatch`, lets in-flight rollouts finish for up to the grace
@@ -24,9 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gym_collect.client import AgentClient
+from gym_collect.concurrency.cost import usage_cost
+from gym_collect.concurrency.limits import InFlightLimits
+from gym_collect.concurrency.read_ahead import ReadAhead
 from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRolloutError, RolloutError
-from gym_collect.gate import ConcurrencyGate
-from gym_collect.limiter import AdaptiveLimit
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_TARGET
 from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, episode_record
@@ -61,15 +63,15 @@ class FailureBudget:
 
 
 class Runner:
-    """Runs every request under the gate's in-flight limit and hands each outcome to the writer once.
+    """Runs every request under the in-flight limits and hands each outcome to the writer once.
 
     Args:
         client: the open `AgentClient`.
         agent_urls: agent name -> base URL.
         result_fields: agent name -> fields set on each of its results and failure records (the
             environment server stamps).
-        gate: the in-flight limit (fixed, unset, or driven by `adaptive`).
-        adaptive: the adaptive limit for `num_samples_in_parallel=auto`, else None.
+        limits: the in-flight limits (per backend and in all); the runner acquires and reports.
+        read_ahead: requests read and not yet started, at most (memory bound), with several backends.
         run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
     """
 
@@ -83,18 +85,18 @@ class Runner:
         metrics: RunMetrics,
         progress: Progress,
         policy: RetryPolicy,
-        gate: ConcurrencyGate,
-        adaptive: AdaptiveLimit | None,
+        limits: InFlightLimits,
         budget: FailureBudget,
         write_status: Callable[[dict[str, Any]], None],
         run_key: str,
         status_every_s: float,
         clock: Callable[[], float] = time.monotonic,
+        read_ahead: int = 1024,
     ) -> None:
         self.client, self.agent_urls, self.writer = client, agent_urls, writer
         self.result_fields = result_fields or {}
         self.metrics, self.progress, self.policy = metrics, progress, policy
-        self.gate, self.adaptive, self.budget = gate, adaptive, budget
+        self.limits, self.read_ahead, self.budget = limits, read_ahead, budget
         self.write_status, self.run_key = write_status, run_key
         self.status_every_s, self.clock = status_every_s, clock
         self._paused_until: dict[str, float] = {}
@@ -143,12 +145,31 @@ class Runner:
             task.cancel()
 
     async def _dispatch(self, tg: asyncio.TaskGroup, requests: Iterator[RolloutRequest]) -> None:
-        for request in requests:
-            await self.writer.wait_for_room(request.seq)
-            await self.gate.acquire()
-            task = tg.create_task(self._collect(request))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+        # One backend: reading ahead finds nothing else to start, so hold one request (memory as before).
+        read_ahead = self.read_ahead if len(self.limits.backends) > 1 else 1
+        pending = ReadAhead[RolloutRequest](self.limits, read_ahead)
+        source = iter(requests)
+        exhausted = False
+        while True:
+            if not exhausted and not pending.full:
+                request = next(source, None)
+                if request is None:
+                    exhausted = True
+                else:
+                    pending.add(request.seq, self.limits.backend_of(request.agent_name), request)
+            while (pick := pending.next_startable()) is not None:
+                seq, backend = pick
+                await self.writer.wait_for_room(seq)  # output_order=input: within the reorder window
+                if not self.limits.has_room(backend):
+                    continue  # the limits changed while it waited
+                self.limits.take(backend)
+                task = tg.create_task(self._collect(pending.pop(backend)))
+                self._in_flight.add(task)
+                task.add_done_callback(self._in_flight.discard)
+            if exhausted and pending.size == 0:
+                return
+            if exhausted or pending.full:
+                await self.limits.wait_for_change()
 
     async def _collect(self, request: RolloutRequest) -> None:
         try:
@@ -160,11 +181,12 @@ class Runner:
             self.metrics.interrupted += 1
             raise
         finally:
-            self.gate.release()
+            self.limits.release(self.limits.backend_of(request.agent_name))
             self.progress.update()
 
     async def _attempts(self, request: RolloutRequest) -> None:
         url = self.agent_urls[request.agent_name]
+        backend = self.limits.backend_of(request.agent_name)
         key = f"{self.run_key}-{request.task_index}-{request.rollout_index}"
         first_start = self.clock()
         attempt = 0
@@ -176,22 +198,21 @@ class Runner:
             try:
                 answer = await self.client.run(url, request.body, key)
             except RolloutError as error:
-                self._adapt(error)
+                self._adapt(backend, error)
                 wait_s = self.policy.next_wait_s(error, attempt)
                 if wait_s is None:
                     self._fail(request, error.error_class, error.status, str(error), attempt,
                                self.clock() - first_start, permanent=isinstance(error, PermanentRolloutError))
                     return
-                if error.status == 429 and error.retry_after_s and self.adaptive is None:
+                if error.status == 429 and error.retry_after_s and self.limits.adaptive(backend) is None:
                     self._pause(request.agent_name, error.retry_after_s)  # under auto, the limit backs off
                 self.metrics.retries += 1
                 log.debug("Retrying task %d rollout %d in %.2f s after %s", request.task_index,
                           request.rollout_index, wait_s, error.error_class)
-                await asyncio.sleep(wait_s)
+                await self.limits.retry_wait(backend, wait_s)  # no permit held while waiting
                 continue
             latency_s = self.clock() - start
-            if self.adaptive is not None:
-                self._set_limit(self.adaptive.on_success(latency_s, self.gate.in_flight, self.clock()))
+            self.limits.report_success(backend, latency_s, usage_cost(answer), self.clock())
             self._deliver(request, answer, latency_s, attempt, self.clock() - first_start)
             return
 
@@ -240,15 +261,11 @@ class Runner:
         if reason is not None:
             self.stop(f"failure budget spent: {reason}", grace_s=0.0)
 
-    def _adapt(self, error: RolloutError) -> None:
-        if self.adaptive is None:
-            return
-        overload = error.status in (429, 500, 502, 503, 504) or isinstance(error, AgentTimeoutError)
-        now = self.clock()
-        self._set_limit(self.adaptive.on_overload(now) if overload else self.adaptive.on_error(now))
-
-    def _set_limit(self, limit: int) -> None:
-        self.gate.limit = limit
+    def _adapt(self, backend: str, error: RolloutError) -> None:
+        if error.status in (429, 500, 502, 503, 504) or isinstance(error, AgentTimeoutError):
+            self.limits.report_overload(backend, self.clock())
+        else:
+            self.limits.report_error(backend, self.clock())
 
     def _pause(self, agent: str, seconds: float) -> None:
         until = self.clock() + seconds
@@ -269,7 +286,7 @@ class Runner:
             self.progress.tick(status, PROGRESS_LOG_EVERY_S)
 
     def _write_status(self) -> dict[str, Any]:
-        status = self.metrics.status(self.gate.in_flight, self.gate.limit)
+        status = self.metrics.status(self.limits.in_flight, self.limits.limit)
         self.write_status(status)
         return status
 

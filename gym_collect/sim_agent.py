@@ -48,6 +48,12 @@ class SimAgentConfig:
     processor sharing (each request progresses at ``min(1, capacity / in_service)`` seconds of work per
     second, i.e. service time stretched by ``max(1, in_service / capacity)``, re-evaluated at every arrival
     and departure); ``"rate_limited"`` answers 429 beyond ``capacity``. Service time 0 never waits or limits.
+    ``degrade`` (mode ``"gpu"``): past capacity throughput falls (see :class:`SharedProcessor`).
+    ``task_sigma``: long-rollout mode, a lognormal factor of shape ``task_sigma`` drawn per task (seeded by
+    ``seed`` and ``_ng_task_index``), so a rollout's length is a property of its task (heavy-tailed for a
+    sigma near 1), times the per-attempt ``service_sigma`` factor. ``usage_tokens_per_s``: the answer's
+    ``response.usage.output_tokens`` is the work in seconds times this (matching usage; None: from the
+    answer's text).
     ``capacity_halve_at_s`` counts from server start; the halved capacity is ``max(1, capacity // 2)``.
     Error answers are JSON ``{"detail": str}``; 429 (and ``fail_status`` 429/503) carry ``Retry-After``, sent
     as ``f"{s:g}"`` (fractions are a tolerant-parser test; RFC 9110 allows integers only) or, with
@@ -61,6 +67,9 @@ class SimAgentConfig:
     mode: str = "queue"  # one of MODES
     rate_limit_retry_after_s: float = 1.0  # Retry-After of mode "rate_limited" 429s
     capacity_halve_at_s: float | None = None
+    degrade: float = 0.0
+    task_sigma: float = 0.0
+    usage_tokens_per_s: float | None = None
     fail_500_rate: float = 0.0
     fail_429_rate: float = 0.0
     retry_after_s: float = 0.5  # Retry-After of fail_429_rate (and fail_status 429/503) answers
@@ -82,6 +91,8 @@ class SimAgentConfig:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if any(r < 0 for r in rates) or sum(rates) > 1:
             raise ValueError(f"fault rates must be >= 0 and sum to <= 1, got {self.fault_rates()}")
+        if min(self.degrade, self.task_sigma, self.usage_tokens_per_s or 0.0) < 0:
+            raise ValueError("degrade, task_sigma and usage_tokens_per_s must be >= 0")
         if min(self.service_time_s, self.service_sigma, self.hang_s, self.retry_after_s) < 0:
             raise ValueError("service_time_s, service_sigma, hang_s and retry_after_s must be >= 0")
         if min(self.fail_first_k, self.response_pad_bytes, self.rate_limit_retry_after_s) < 0:
@@ -136,7 +147,8 @@ def _gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-def _answer(row: dict[str, Any], key: RowKey, body_bytes: int, pad_bytes: int) -> bytes:
+def _answer(row: dict[str, Any], key: RowKey, body_bytes: int, pad_bytes: int,
+            output_tokens: int | None = None) -> bytes:
     """The verify response as JSON bytes: ``row``'s keys, ``response``, ``reward`` (and ``sim_padding``)."""
     reward = sim_reward(*key)
     expected = row.get("expected_answer")
@@ -146,7 +158,8 @@ def _answer(row: dict[str, Any], key: RowKey, body_bytes: int, pad_bytes: int) -
         text = f"The answer is \\boxed{{{expected}}}."
     else:
         text = "I could not work this one out."
-    input_tokens, output_tokens = max(1, body_bytes // 4), max(1, len(text) // 4)
+    input_tokens = max(1, body_bytes // 4)
+    output_tokens = max(1, len(text) // 4) if output_tokens is None else max(1, output_tokens)
     part: dict[str, Any] = {"annotations": [], "text": text, "type": "output_text", "logprobs": None}
     message = {"id": f"msg_{secrets.token_hex(16)}", "content": [part], "role": "assistant",
                "status": "completed", "type": "message"}  # fmt: skip
@@ -196,7 +209,7 @@ class SimAgent:
         self._site: web.TCPSite | None = None
         self._started_at = time.monotonic()
         self._slots = FifoSlots(self._capacity)
-        self._gpu = SharedProcessor(self._capacity)
+        self._gpu = SharedProcessor(self._capacity, lambda: self.config.degrade)
 
     @property
     def url(self) -> str:
@@ -325,6 +338,8 @@ class SimAgent:
         work_s = cfg.service_time_s
         if rng is not None and cfg.service_sigma and work_s > 0:
             work_s = rng.lognormvariate(math.log(work_s), cfg.service_sigma)
+        if cfg.task_sigma and work_s > 0:
+            work_s *= Random(f"{cfg.seed}:task:{key[0]}").lognormvariate(0.0, cfg.task_sigma)
         if work_s > 0:
             if cfg.mode == "gpu":
                 await self._gpu.serve(work_s)
@@ -340,7 +355,8 @@ class SimAgent:
                     self._slots.release()
         if _gone(request):
             return self._dropped()
-        body = _answer(row, key, len(raw), cfg.response_pad_bytes)
+        tokens = None if cfg.usage_tokens_per_s is None else round(work_s * cfg.usage_tokens_per_s)
+        body = _answer(row, key, len(raw), cfg.response_pad_bytes, tokens)
         stats.statuses[200] += 1
         stats.succeeded[key] += 1
         return web.Response(body=body, content_type="application/json")

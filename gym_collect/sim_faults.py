@@ -93,12 +93,17 @@ class SharedProcessor:
     ``min(1, capacity() / n)`` seconds of work per second, so a lone job's time is stretched by
     ``max(1, n / capacity)`` while ``n`` holds, re-evaluated at every arrival and departure.
 
+    ``degrade()`` > 0 makes throughput fall past capacity, as a GPU server does when it preempts and
+    recomputes requests (vLLM when its KV cache is full): the ``n`` jobs then share
+    ``C / (1 + degrade * (n - C) / C)`` seconds of work per second instead of ``C``.
+
     ``_work`` is the work a job present all along would have received by ``_stamp`` (loop time); a job is done
     when ``_work`` reaches its finish mark. One timer is armed for the earliest finish; nothing polls.
     """
 
-    def __init__(self, capacity: Callable[[], int]) -> None:
+    def __init__(self, capacity: Callable[[], int], degrade: Callable[[], float] = lambda: 0.0) -> None:
         self._capacity = capacity
+        self._degrade = degrade
         self._finish: dict[asyncio.Future[None], float] = {}
         self._work = 0.0
         self._stamp = 0.0
@@ -125,8 +130,15 @@ class SharedProcessor:
                 self._arm(loop)
             raise
 
+    def work_rate(self, n: int) -> float:
+        """Seconds of work per second each of ``n`` jobs in service receives."""
+        capacity = self._capacity()
+        if n <= capacity:
+            return 1.0
+        return capacity / n / (1.0 + self._degrade() * (n - capacity) / capacity)
+
     def _rate(self) -> float:
-        return min(1.0, self._capacity() / len(self._finish)) if self._finish else 1.0
+        return self.work_rate(len(self._finish))
 
     def _advance(self, now: float) -> None:
         self._work += (now - self._stamp) * self._rate()

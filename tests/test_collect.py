@@ -133,7 +133,7 @@ def _agent_names(path: Path) -> list[str]:
 async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
     """Lower the gate's limit mid-run: once in-flight work has drained to it, the agent never sees more."""
     from gym_collect.client import AgentClient
-    from gym_collect.gate import ConcurrencyGate
+    from gym_collect.concurrency.limits import InFlightLimits
     from gym_collect.metrics import Progress, RunMetrics
     from gym_collect.nemo.routing import RowRouter
     from gym_collect.nemo.rows import RequestBuilder
@@ -144,7 +144,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
 
     inp = write_rows(tmp_path / "in.jsonl", make_rows(300))
     paths = OutputPaths(tmp_path / "out.jsonl")
-    gate = ConcurrencyGate(16)
+    gate = InFlightLimits({"sim_agent": "sim_agent"}, {"sim_agent": 16}, None)
 
     class LowerAfter60(Progress):
         finished, lowered, drained = 0, False, False
@@ -152,7 +152,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
         def update(self) -> None:  # called after each rollout's permit is released
             self.finished += 1
             if self.finished == 60:
-                gate.limit, self.lowered = 3, True
+                gate.shared, self.lowered = 3, True
             if self.lowered and not self.drained and gate.in_flight <= 3:
                 sim.stats.reset()
                 self.drained = True
@@ -166,7 +166,7 @@ async def test_runner_never_exceeds_a_lowered_limit(tmp_path: Path) -> None:
             runner = Runner(client=client, agent_urls={"sim_agent": sim.url},
                             writer=RolloutWriter(out, failures, ordered=False, window=1024),
                             metrics=RunMetrics(300), progress=LowerAfter60(300, 0, enabled=False),
-                            policy=RetryPolicy(), gate=gate, adaptive=None, budget=FailureBudget(),
+                            policy=RetryPolicy(), limits=gate, budget=FailureBudget(),
                             write_status=lambda doc: write_json_atomic(paths.status, doc), run_key="k",
                             status_every_s=1.0)
             builder = RequestBuilder(RowRouter(agent_map=None, fan_out=None, unnamed_agent="sim_agent"),

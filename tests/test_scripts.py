@@ -42,5 +42,5 @@ def test_bench_auto_quick_prints_its_figures(tmp_path: Path, clean_env: dict[str
                           text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     first, second = (f["figure"] for f in orjson.loads(report.read_bytes()))
-    assert first.startswith("rate_limited: auto / best fixed") and second.startswith("rate_limited: share of requests")
-    assert "rate_limited: share of requests answered 429" in proc.stdout
+    assert first.startswith("3 rate_limited: auto / best fixed") and second.startswith("3 rate_limited: requests")
+    assert "3 rate_limited: requests answered 429" in proc.stdout

@@ -100,6 +100,26 @@ async def test_shared_processor_shares_and_survives_cancellation() -> None:
     assert 0.18 < elapsed < 0.5 and processor.in_service == 0
 
 
+def test_shared_processor_degrades_past_capacity() -> None:
+    plain, degrading = SharedProcessor(lambda: 4), SharedProcessor(lambda: 4, lambda: 0.5)
+    assert plain.work_rate(2) == degrading.work_rate(4) == 1.0
+    assert plain.work_rate(8) == 0.5  # the backend still delivers 4 s of work per second
+    assert 8 * degrading.work_rate(8) == pytest.approx(4 / 1.5)  # past capacity it delivers less
+
+
+async def test_long_rollouts_are_task_determined_with_matching_usage(session: aiohttp.ClientSession) -> None:
+    cfg = SimAgentConfig(service_time_s=0.002, task_sigma=1.0, usage_tokens_per_s=100_000.0, seed=3)
+    async with SimAgent(cfg) as sim:
+        tokens: dict[int, set[int]] = {}
+        for task in range(6):
+            for rollout in range(2):
+                status, _, body = await post(session, sim, row(task, rollout))
+                assert status == 200
+                tokens.setdefault(task, set()).add(orjson.loads(body)["response"]["usage"]["output_tokens"])
+    assert all(len(seen) == 1 for seen in tokens.values())  # the task decides the length
+    assert len({next(iter(seen)) for seen in tokens.values()}) == 6  # and tasks differ (heavy-tailed)
+
+
 def test_reward_is_deterministic_and_about_70_percent() -> None:
     rewards = [sim_reward(t, r) for t in range(500) for r in range(4)]
     assert set(rewards) == {0.0, 1.0}
@@ -110,7 +130,7 @@ def test_reward_is_deterministic_and_about_70_percent() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"capacity": 0}, {"mode": "fifo"}, {"fail_500_rate": 0.6, "reset_rate": 0.6}, {"hang_rate": -0.1},
-     {"service_time_s": -1.0}, {"fail_status": 1000}],
+     {"service_time_s": -1.0}, {"fail_status": 1000}, {"degrade": -1.0}, {"task_sigma": -0.5}],
 )  # fmt: skip
 def test_config_rejects_bad_values(bad: dict[str, Any]) -> None:
     with pytest.raises(ValueError):
