@@ -72,6 +72,7 @@ class AgentClient:
         self._session: aiohttp.ClientSession | None = None
         self._slots: asyncio.Semaphore | None = None
         self._host_slots: dict[tuple[str, str | None, int | None], asyncio.Semaphore] = {}
+        self._run_urls: dict[str, tuple[URL, _Slots]] = {}  # parsed once per server, not per request
 
     async def __aenter__(self) -> AgentClient:
         limit, limit_per_host = self._connector_limits
@@ -109,8 +110,12 @@ class AgentClient:
         Raises `TransientRolloutError` (connection, timeout, 408/425/429/5xx, a body that is not a JSON
         object) or `PermanentRolloutError` (redirects, other non-200 statuses). Messages never hold a secret.
         """
-        url = URL(base_url + "/run")
-        async with self._connection_slot(url):
+        cached = self._run_urls.get(base_url)
+        if cached is None:
+            url = URL(base_url + "/run")
+            cached = self._run_urls[base_url] = (url, self._connection_slot(url))
+        url, slot = cached
+        async with slot:
             try:
                 async with asyncio.timeout(self._request_timeout_s):
                     payload = await self._post_following_redirects(url, body, idempotency_key)

@@ -291,6 +291,9 @@ def _index_pass(rows: JsonlRows, result: ScanResult, builder: RequestBuilder, ch
     indexer = result.indexer
     assert indexer is not None
     start = rows.selection.start_idx
+    if indexer.all_distinct:
+        result.task_range = (start, start + result.num_rows - 1)
+        return
     stop = start + result.num_rows
     indexer.begin_pass()
     low, high = None, None
@@ -373,9 +376,11 @@ def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[
                     yield RolloutRequest(state.seq, task, r, None, b"", f"{rows.location(row)}: {row.error}")
                     state.seq += 1
         else:
-            count = builder.rollouts(builder.router.key(row.data, rows.location(row)))
+            where = rows.location(row)
+            key = builder.router.key(row.data, where)
+            count = builder.rollouts(key)
             stamps = builder.result_stamps(row.data) or None
-            for r, agent, ref, body in builder.build(row.data, task, rows.location(row), skip, first):
+            for r, agent, ref, body in builder.build(row.data, task, where, skip, first, key):
                 yield RolloutRequest(state.seq, task, r, ref, body, stamps=stamps,
                                      route=agent if ref is None else None)
                 state.seq += 1

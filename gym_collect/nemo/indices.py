@@ -8,7 +8,7 @@ counts per task index over the whole run (a duplicated line, or two rows stamped
 This tool numbers as if one run went over the whole file from its first row, so that any shard
 (`start_idx`/`end_idx`, `num_shards`) gets the indices the single run gives. Instead of NeMo Gym's dict of
 every line, it keeps two Bloom filters (Bloom, "Space/time trade-offs in hash coding with allowable errors",
-CACM 1970) of about 10 bits per row, and exact state only for lines and task indices that may repeat:
+CACM 1970) of 12 bits per row, and exact state only for lines and task indices that may repeat:
 
     pass 1  every line up to the selection's end: a line hash seen before (per the filter) is a candidate
             duplicate; candidates are exact for every true duplicate, plus ~1% false positives
@@ -20,27 +20,28 @@ CACM 1970) of about 10 bits per row, and exact state only for lines and task ind
 
 from __future__ import annotations
 
-import hashlib
-import math
 from collections.abc import Callable
 
 import orjson
 
 TASK_INDEX_KEY = b'"_ng_task_index"'
-FALSE_POSITIVE_RATE = 0.01
+BITS_PER_KEY, PROBES = 12, 4  # false positives (1 - e^(-4/12))^4 = 0.8%, with few probes (each costs)
+MASK_64 = (1 << 64) - 1
+TASK_SALT = "task"
 
 
 class BloomFilter:
     """A Bloom filter over 64-bit keys (already hashed): `add` returns whether the key may have been there.
 
-    Sized for `capacity` keys at `FALSE_POSITIVE_RATE`; bits are `bytearray`, probes by double hashing
+    Sized for `capacity` keys at `BITS_PER_KEY` bits each and `PROBES` probes; bits are `bytearray`, probes by
+    double hashing
     (Kirsch and Mitzenmacher, "Less hashing, same performance", 2006).
     """
 
     def __init__(self, capacity: int) -> None:
         n = max(capacity, 64)
-        self.bits = max(512, int(-n * math.log(FALSE_POSITIVE_RATE) / math.log(2) ** 2))
-        self.probes = max(1, round(self.bits / n * math.log(2)))
+        self.bits = max(512, BITS_PER_KEY * n)
+        self.probes = PROBES
         self._array = bytearray((self.bits + 7) // 8)
 
     def add(self, key: int) -> bool:
@@ -58,16 +59,18 @@ class BloomFilter:
 
 
 def line_key(raw: bytes) -> int:
-    """A 64-bit hash of a line as NeMo Gym keys it (its text with a `\\n` end, as text mode reads CRLF)."""
+    """A 64-bit hash of a line as NeMo Gym keys it (its text with a `\\n` end, as text mode reads CRLF).
+
+    Python's own (SipHash) `hash`: fast, and stable within the process, the only place keys are compared.
+    """
     if raw.endswith(b"\r\n"):
         raw = raw[:-2] + b"\n"
-    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+    return hash(raw) & MASK_64
 
 
 def task_key(task: int) -> int:
-    """A 64-bit hash of a task index, for the task filter."""
-    return int.from_bytes(hashlib.blake2b(task.to_bytes(16, "little", signed=True), digest_size=8).digest(),
-                          "little")
+    """A 64-bit hash of a task index, for the task filter (spread, so nearby indices probe far apart)."""
+    return hash((TASK_SALT, task)) & MASK_64
 
 
 def stamped_task(raw: bytes, data: dict[str, object] | None) -> int | None:
@@ -97,6 +100,7 @@ class TaskIndexer:
         self._tasks = BloomFilter(rows)
         self.candidate_lines: set[int] = set()
         self.candidate_tasks: set[int] = set()
+        self.stamped = False
         self._dense = 0
         self._line_tasks: dict[int, int] = {}
         self._next_rollout: dict[int, int] = {}
@@ -107,6 +111,14 @@ class TaskIndexer:
             key = line_key(raw)
             if self._lines.add(key):
                 self.candidate_lines.add(key)
+        else:
+            self.stamped = True
+
+    @property
+    def all_distinct(self) -> bool:
+        """After pass 1: no row is stamped and no line repeats, so task indices are row indices, each once
+        (pass 2 can be skipped)."""
+        return not self.stamped and not self.candidate_lines
 
     def begin_pass(self) -> None:
         """Start a pass over the rows from the first one (pass 2, or dispatch)."""

@@ -117,13 +117,14 @@ class RequestBuilder:
         return total
 
     def build(self, row: dict[str, Any], task_index: int, where: str, skip: Callable[[int], bool],
-              first_rollout: int = 0) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
+              first_rollout: int = 0, key: RouteKey | None = None
+              ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
         """(rollout index, agent, `agent_ref`, body) of each rollout of `row` that `skip` does not drop;
         rollout indices count on from `first_rollout` (earlier rows of the same task index).
 
-        Mutates `row` (it is the reader's own parsed copy).
+        Mutates `row` (it is the reader's own parsed copy). `key` is the row's `RouteKey` when known.
         """
-        key = self.router.key(row, where)
+        key = key or self.router.key(row, where)
         if key.targets[0].startswith(ENVIRONMENT_TARGET):
             yield from self._episodes(row, key, task_index, skip, first_rollout)
             return
