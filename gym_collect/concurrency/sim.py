@@ -88,12 +88,6 @@ class SimResult:
                     if start_s <= t < end_s and (backend is None or b == backend))
         return total / (end_s - start_s)
 
-    def backend_throughput_per_s(self, backend: str, start_s: float, end_s: float) -> float:
-        """Successes of one backend per second completed in [start_s, end_s)."""
-        hits = sum(start_s <= t < end_s and b == backend for (t, _), b in zip(self.successes, self.backends,
-                                                                               strict=True))
-        return hits / (end_s - start_s)
-
     def throughput_per_s(self, start_s: float, end_s: float) -> float:
         """Successes per second completed in [start_s, end_s)."""
         return sum(start_s <= t < end_s for t, _ in self.successes) / (end_s - start_s)
