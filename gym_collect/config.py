@@ -137,6 +137,11 @@ class CollectConfig(NemoGymOnlyKeys):
     route_failures_to_sidecar: bool | None = None
     require_complete: bool = False
 
+    disable_aggregation: bool = False
+    count_failure_classes_as_zero: list[str] = field(default_factory=list)
+    count_missing_rollouts_as_zero: bool = False
+    aggregate_timeout_s: float | None = 600.0
+
     resume: bool = False
     resume_from_cache: bool = False
     keep_permanent_failures: bool = False

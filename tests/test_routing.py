@@ -193,7 +193,7 @@ def test_every_key_of_nemo_gym_0_7s_collector_is_accepted() -> None:
 
 
 def test_keys_that_cannot_apply_get_one_notice_each() -> None:
-    lines = notices(NemoGymOnlyKeys(upload_rollouts=False, observability_enabled=True, disable_aggregation=True))
+    lines = notices(NemoGymOnlyKeys(upload_rollouts=False, observability_enabled=True, dispatch_longest_first=False))
     assert len(lines) == 2 and all("has no effect here" in line for line in lines)
 
 

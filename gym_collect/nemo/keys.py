@@ -15,12 +15,9 @@ from typing import Any
 NOTICES: dict[str, str | None] = {  # None: accepted silently (nothing to do here when set)
     "max_resident_rollout_tasks": "rollout tasks are always bounded by the in-flight limit here",
     "retain_results_in_memory": "results are never held in memory here",
-    "disable_aggregation": None,
     "disable_health_check": "health reports (quality_summary.json, rollout_verdicts.jsonl) are not written here",
     "health_check_workers": "health reports are not written here",
     "health_check_ignored_checks": "health reports are not written here",
-    "count_failure_classes_as_zero": "aggregate metrics are not computed here yet",
-    "count_missing_rollouts_as_zero": "aggregate metrics are not computed here yet",
     "rollout_collection_driver": "applies to NeMo Gym's end-to-end `gym eval run`, not to a collector",
     "dispatch_longest_first": "rows are dispatched in input order",
     "retry_terminal_timeouts": "failures are retried by class here (max_attempts)",
@@ -42,12 +39,9 @@ class NemoGymOnlyKeys:
 
     max_resident_rollout_tasks: int | None = None
     retain_results_in_memory: bool = True
-    disable_aggregation: bool = False
     disable_health_check: bool = False
     health_check_workers: int | None = None
     health_check_ignored_checks: list[str] = field(default_factory=list)
-    count_failure_classes_as_zero: list[str] = field(default_factory=list)
-    count_missing_rollouts_as_zero: bool = False
     rollout_collection_driver: str | None = None
     dispatch_longest_first: bool = False
     retry_terminal_timeouts: bool = False

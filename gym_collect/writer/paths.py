@@ -40,6 +40,18 @@ class OutputPaths:
         return self._beside("_status.json")
 
     @property
+    def materialized_inputs(self) -> Path:
+        """Every `/run` body of the run in (task, rollout) order, written before dispatch (NeMo Gym 0.7's
+        `<stem>_materialized_inputs.jsonl`, `nemo_gym/path_utils.py:22-24`)."""
+        return self._beside("_materialized_inputs.jsonl")
+
+    @property
+    def aggregate_metrics(self) -> Path:
+        """What `/aggregate_metrics` returned per environment server (NeMo Gym 0.7's
+        `<stem>_aggregate_metrics.json`, `nemo_gym/path_utils.py:27-33`)."""
+        return self._beside("_aggregate_metrics.json")
+
+    @property
     def lock(self) -> Path:
         """Held for the whole run, so that one run at a time owns the output."""
         return self._beside("_run.lock")
@@ -47,7 +59,8 @@ class OutputPaths:
     @property
     def written(self) -> tuple[Path, ...]:
         """Every path a run may create, append to, truncate, replace or unlink."""
-        return (self.output, self.failures, self.metrics, self.manifest, self.status, self.lock)
+        return (self.output, self.failures, self.materialized_inputs, self.aggregate_metrics, self.metrics,
+                self.manifest, self.status, self.lock)
 
 
 def check_input_file(path: Path) -> os.stat_result:
