@@ -27,7 +27,8 @@ from tests.conftest import config, make_rows, pairs, read_jsonl, write_rows
 from tests.servers import LoopbackServer, echo_rollout
 
 COLLECT = str(Path(sys.executable).parent / "collect_rollouts")
-SIDE_SUFFIXES = ["", "_failures.jsonl", "_materialized_inputs.jsonl", "_aggregate_metrics.json", "_metrics.json", "_run.json", "_status.json", "_run.lock"]
+SIDE_SUFFIXES = ["", "_failures.jsonl", "_materialized_inputs.jsonl", "_aggregate_metrics.json", "_metrics.json",
+                 "_run.json", "_status.json", "_run.lock"]
 WAIT_S = 30.0
 
 
