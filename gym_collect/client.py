@@ -33,6 +33,7 @@ from gym_collect.retry import error_for_status
 JSON_HEADERS = {"Content-Type": "application/json"}
 MAX_ERROR_TEXT = 200
 MAX_REDIRECTS = 5
+MAX_ERROR_BODY_BYTES = 8000  # of an error answer kept for its failure record (2,000 characters are written)
 FD_RESERVE = 64  # descriptors kept free for output files, logs, DNS and the event loop
 REDIRECT_STATUSES_KEEPING_POST = (307, 308)  # RFC 9110 §15.4.8-9: the method and body must not change
 
@@ -122,15 +123,21 @@ class AgentClient:
             except RolloutError:
                 raise
             except aiohttp.ConnectionTimeoutError as exc:
-                raise AgentTimeoutError("no connection within connect_timeout_s") from exc
+                raise AgentTimeoutError("no connection within connect_timeout_s",
+                                        failure_type=type(exc).__name__) from exc
             except TimeoutError as exc:
-                raise AgentTimeoutError("no answer within request_timeout_s") from exc
+                raise AgentTimeoutError("no answer within request_timeout_s", failure_type="TimeoutError") from exc
             except aiohttp.ClientError as exc:
-                raise AgentConnectionError(self._message(f"{type(exc).__name__}: {exc}")) from exc
+                raise AgentConnectionError(self._message(f"{type(exc).__name__}: {exc}"),
+                                           failure_type=type(exc).__name__,
+                                           failure_message=self.redact(str(exc) or repr(exc))) from exc
         try:
             answer = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
-            raise BadAnswerError(f"answer is not JSON ({len(payload)} bytes)", status=None) from exc
+            raise BadAnswerError(f"answer is not JSON ({len(payload)} bytes)", failure_type="JSONDecodeError",
+                                 failure_message=str(exc),
+                                 response_body=self.redact(payload[: MAX_ERROR_BODY_BYTES].decode("utf-8", "replace"))
+                                 ) from exc
         if not isinstance(answer, dict):
             raise BadAnswerError(f"answer is a JSON {type(answer).__name__}, not an object")
         return answer
@@ -144,7 +151,7 @@ class AgentClient:
                 if status == 200:
                     return payload
                 if not 300 <= status < 400:
-                    raise self._status_error(status, resp.headers.get("Retry-After"), payload)
+                    raise self._status_error(status, resp.reason, url, resp.headers.get("Retry-After"), payload)
             target = url.join(URL(location)) if location else None
             if status in REDIRECT_STATUSES_KEEPING_POST and target is not None and target.origin() == url.origin():
                 url = target
@@ -200,9 +207,14 @@ class AgentClient:
             "check that it is running and that the URL is right"
         )
 
-    def _status_error(self, status: int, retry_after: str | None, payload: bytes) -> RolloutError:
-        text = self._message(payload.decode("utf-8", "replace"))
-        return error_for_status(status, retry_after, f"HTTP {status}: {text}" if text else f"HTTP {status}")
+    def _status_error(self, status: int, reason: str | None, url: URL, retry_after: str | None,
+                      payload: bytes) -> RolloutError:
+        body = self.redact(payload[: MAX_ERROR_BODY_BYTES].decode("utf-8", "replace"))
+        text = _short(body)
+        # aiohttp's wording of a `ClientResponseError`, which NeMo Gym records as `_ng_failure_message`.
+        record_message = f"{status}, message={reason or ''!r}, url={display_url(str(url))!r}"
+        return error_for_status(status, retry_after, f"HTTP {status}: {text}" if text else f"HTTP {status}",
+                                body=body, failure_message=record_message)
 
     def _message(self, text: str) -> str:
         """`text` shortened to one line, without secrets (redacted before shortening, so no part survives)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from gym_collect.deadline import ADAPTIVE_MARGIN_PERCENTILE, DispatchDeadline
 from gym_collect.deadline import REASON as DISPATCH_BUDGET
 from gym_collect.errors import GymCollectError, InputError
 from gym_collect.metrics import Progress, RunMetrics
+from gym_collect.nemo.failures import PriorAttempts, max_rollout_attempts
 from gym_collect.nemo.head import HeadDocument, fetch_head_document
 from gym_collect.nemo.keys import notices
 from gym_collect.nemo.routing import UNNAMED_AGENT, Route, RowRouter, needs_head, resolve_routes, warn_overrides
@@ -42,9 +44,9 @@ from gym_collect.reader import (
     shard_range,
 )
 from gym_collect.redact import display_url, url_secrets
-from gym_collect.resume import check_resumable, failure_kept, run_key
+from gym_collect.resume import check_materialized, check_resumable, run_key
 from gym_collect.retry import RetryPolicy
-from gym_collect.runner import FailureBudget, Runner
+from gym_collect.runner import FAILURE_STOPS_RUN, FailureBudget, Runner
 from gym_collect.shutdown import EXIT_INTERRUPTED, Interrupted, Shutdown
 from gym_collect.writer import DoneSet, OutputPaths, RunOutputs, check_input_file, count_done
 from gym_collect.writer.paths import check_output_folder, check_output_paths
@@ -159,16 +161,21 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             metrics = RunMetrics(expected)
             for url in sorted({route.url for route in routes.values()}):
                 await client.probe(url)
-            if cfg.resume and outputs.existing():
+            resuming = cfg.resume and bool(outputs.existing())
+            if resuming:
                 check_resumable(outputs.recorded_definition(), definition, paths.manifest)
+            attempts = PriorAttempts(max_rollout_attempts(), retry_terminal_timeouts=cfg.retry_terminal_timeouts,
+                                     retry_terminal=not cfg.keep_permanent_failures)
             prior = outputs.prepare(
                 {"input_path": str(input_path.resolve()), "definition": definition}, done,
-                resume=cfg.resume, overwrite=cfg.overwrite, keep_failure=failure_kept(cfg.keep_permanent_failures),
-                on_prior_rollout=metrics.add_prior,
+                resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
+                on_prior_failure=attempts.add,
             )
-            if cfg.resume:
-                log.info("Resuming: %d rollouts already written, %d failures kept, %d to redo", prior.rollouts,
-                         prior.failures_kept, prior.failures_redone)
+            await _materialize(outputs, rows, builder, cfg, found, shutdown, check=resuming)
+            if resuming:
+                log.info("Resuming: %d rollouts already written, %d failure records (history kept), %d rollouts "
+                         "that failed before are not retried (terminal, or %d attempts)", prior.rollouts,
+                         prior.failure_records, _gated_not_done(attempts, done), attempts.max_attempts)
             if prior.duplicates:
                 log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
                             paths.output, prior.duplicates)
@@ -180,9 +187,10 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             skipped = [0]
 
             def is_done(task: int, rollout: int) -> bool:
-                hit = done.is_done(task, rollout)
-                skipped[0] += hit
-                return hit
+                if done.is_done(task, rollout):
+                    skipped[0] += 1
+                    return True
+                return attempts.gated(task, rollout)
 
             def stop_dispatch(reason: str) -> None:
                 metrics.stopped_reason = metrics.stopped_reason or reason
@@ -192,7 +200,8 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 cfg.dispatch_budget_s, cfg.drain_margin_s, cfg.shutdown_grace_s,
                 lambda: (metrics.succeeded, metrics.latency.percentile(ADAPTIVE_MARGIN_PERCENTILE)), stop_dispatch)
             requests = deadline.limit(iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer,
-                                                         interleave=cfg.interleave_repeats))
+                                                    interleave=cfg.interleave_repeats,
+                                                    attempt_of=attempts.attempt_index if attempts.attempts else None))
             log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
                      expected - done.count, found.num_rows, done.count, input_path, output_path)
             with Progress(expected, done.count, cfg.progress) as progress:
@@ -203,7 +212,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     limits=limits,
                     budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
                     write_status=outputs.write_status, run_key=run_key(definition),
-                    status_every_s=cfg.status_every_s,
+                    status_every_s=cfg.status_every_s, record_failures=cfg.route_failures_to_sidecar is not False,
                 )
                 shutdown.running(lambda reason: runner.stop(reason, cfg.shutdown_grace_s))
                 try:
@@ -220,9 +229,35 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
     for line in metrics.summary_lines():
         log.info("%s", line)
     log.info("Wrote %s and %s", paths.output, paths.metrics)
-    code = _exit_code(metrics, in_output == expected, change)
+    code = _exit_code(cfg, metrics, in_output, expected, change)
     _explain(code, paths, input_path, expected - in_output, metrics, change)
     return RunResult(code, document, output_path)
+
+
+async def _materialize(outputs: RunOutputs, rows: JsonlRows, builder: RequestBuilder, cfg: CollectConfig,
+                       found: ScanResult, shutdown: Shutdown, *, check: bool) -> None:
+    """Write `<stem>_materialized_inputs.jsonl` before dispatch: every `/run` body of the selection in
+    (task, rollout) order, as NeMo Gym 0.7 does (`rollout_collection.py:2430-2439`), streamed in a worker
+    thread. On resume an existing one is compared with this run's bodies instead (`check_materialized`)."""
+    def bodies() -> Iterator[bytes]:
+        never = lambda task, rollout: False  # noqa: E731
+        for n, request in enumerate(iter_requests(rows, builder, never, 0, found.indexer,
+                                                  interleave=cfg.interleave_repeats, materialize=True)):
+            if n % 1024 == 0:
+                shutdown.check()
+            if request.error is None:
+                yield request.body
+
+    recorded = outputs.materialized_records() if check else None
+    if recorded is not None:
+        await asyncio.to_thread(check_materialized, recorded, bodies(), outputs.paths.materialized_inputs)
+    else:
+        await asyncio.to_thread(outputs.write_materialized, (body + b"\n" for body in bodies()))
+
+
+def _gated_not_done(attempts: PriorAttempts, done: DoneSet) -> int:
+    return sum(1 for task, rollout in {*attempts.terminal, *attempts.attempts} if attempts.gated(task, rollout)
+               and not done.is_done(task, rollout))
 
 
 def _request_builder(cfg: CollectConfig) -> RequestBuilder:
@@ -387,15 +422,21 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
     return RunResult(EXIT_OK, None, paths.output)
 
 
-def _exit_code(metrics: RunMetrics, complete: bool, input_change: str | None) -> int:
+def _exit_code(cfg: CollectConfig, metrics: RunMetrics, in_output: int, expected: int,
+               input_change: str | None) -> int:
+    """The exit code (module docstring). NeMo Gym 0.7's own rule applies when its keys ask for it: with
+    `route_failures_to_sidecar=true` or `require_complete=false`, a finished run that wrote at least one
+    rollout exits 0 however many are missing (`rollout_collection.py:1069-1084, 2831-2839`)."""
     if input_change is not None:
         return EXIT_ERROR
-    if complete:
+    if in_output == expected:
         return EXIT_OK
     reason = metrics.stopped_reason
     if reason is not None:
-        return EXIT_STOPPED if reason.startswith(("failure budget", DISPATCH_BUDGET)) else EXIT_INTERRUPTED
-    return EXIT_FAILURES
+        stopped = reason.startswith(("failure budget", DISPATCH_BUDGET, FAILURE_STOPS_RUN))
+        return EXIT_STOPPED if stopped else EXIT_INTERRUPTED
+    lenient = cfg.require_complete is False or (cfg.route_failures_to_sidecar and cfg.require_complete is None)
+    return EXIT_OK if lenient and in_output > 0 else EXIT_FAILURES
 
 
 def _explain(code: int, paths: OutputPaths, input_path: Path, missing: int, metrics: RunMetrics,

@@ -135,7 +135,7 @@ class CollectConfig(NemoGymOnlyKeys):
     min_rollouts_for_failure_rate: int = 50
 
     route_failures_to_sidecar: bool | None = None
-    require_complete: bool = False
+    require_complete: bool | None = None
 
     disable_aggregation: bool = False
     count_failure_classes_as_zero: list[str] = field(default_factory=list)
@@ -144,7 +144,8 @@ class CollectConfig(NemoGymOnlyKeys):
 
     resume: bool = False
     resume_from_cache: bool = False
-    keep_permanent_failures: bool = False
+    keep_permanent_failures: bool = True
+    retry_terminal_timeouts: bool = False
     overwrite: bool = False
     on_bad_row: str = "fail"
     output_order: str = "completion"
@@ -178,8 +179,6 @@ class CollectConfig(NemoGymOnlyKeys):
             self.environment_routing_mode = "legacy"  # NeMo Gym: naming the server selects it for every row
         if self.head_server_url is None:
             self.head_server_url = f"http://{self.head_server.host}:{self.head_server.port}"
-        if self.route_failures_to_sidecar is False and self.max_failures is None:
-            self.max_failures = 1  # NeMo Gym: without the sidecar, one rollout failed for good ends the run
         self.num_samples_in_parallel = parse_parallelism(self.num_samples_in_parallel).to_config_value()
         for name in ("global_aiohttp_connector_limit", "global_aiohttp_connector_limit_per_host"):
             value = getattr(self, name)

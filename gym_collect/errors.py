@@ -7,7 +7,7 @@
     ├── AgentUnavailableError        an agent or the head server cannot be reached at start: abort
     └── RolloutError                 one rollout attempt failed: retry it or record a failure
         ├── TransientRolloutError    worth another attempt (connection, timeout, 408/425/429/5xx, bad body)
-        └── PermanentRolloutError    not worth another attempt (other 4xx)
+        └── PermanentRolloutError    not worth another attempt (other 4xx, a 5xx wrapping one)
 
 aiohttp exceptions become `RolloutError`s in exactly one place, `gym_collect.client`.
 """
@@ -43,12 +43,21 @@ class RolloutError(GymCollectError):
     Attributes:
         status: the HTTP status, or None when no response arrived.
         retry_after_s: the server's `Retry-After` in seconds (RFC 9110 §10.2.3), or None.
+        failure_type: the name of what went wrong as NeMo Gym's failure records give it (the aiohttp or
+            Python exception type, such as `ClientResponseError` or `TimeoutError`).
+        failure_message: the message for a failure record (aiohttp's wording for a status).
+        response_body: the answer's body as text (secrets redacted), or None.
     """
 
-    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None) -> None:
+    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None,
+                 failure_type: str | None = None, failure_message: str | None = None,
+                 response_body: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.retry_after_s = retry_after_s
+        self.failure_type = failure_type or type(self).__name__
+        self.failure_message = failure_message or message
+        self.response_body = response_body
 
     @property
     def error_class(self) -> str:
@@ -75,4 +84,5 @@ class BadAnswerError(TransientRolloutError):
 
 
 class PermanentRolloutError(RolloutError):
-    """An attempt failed in a way another attempt will not fix (a 4xx other than 408/425/429)."""
+    """An attempt failed in a way another attempt will not fix: a 4xx other than 408/425/429, or a 5xx whose
+    body says it wraps such a client error from a server behind the agent."""

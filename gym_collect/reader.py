@@ -58,6 +58,7 @@ class RolloutRequest:
     error: str | None = None
     stamps: dict[str, Any] | None = None  # fields of the row set on its result (NeMo Gym's task_source...)
     route: str | None = None  # the routing key, when it is not the `agent_ref` name (episode requests)
+    attempt: int = 0  # NeMo Gym's `_ng_attempt_index`: attempts of this pair in earlier runs
 
     @property
     def agent_name(self) -> str:
@@ -324,6 +325,8 @@ def iter_requests(
     bad_row_rollouts: int = 1,
     indexer: TaskIndexer | None = None,
     interleave: bool = False,
+    attempt_of: Callable[[int, int], int] | None = None,
+    materialize: bool = False,
 ) -> Iterator[RolloutRequest]:
     """Rollout requests in input order (aabbcc), skipping (task, rollout) pairs for which `is_done` is true.
 
@@ -331,9 +334,11 @@ def iter_requests(
     from 0). Bodies come from `builder` (NeMo Gym's materialization); a bad row (`on_bad_row=skip`) gives
     `bad_row_rollouts` requests with `error` set, recorded as failures and never sent. With `interleave`
     (NeMo Gym's `interleave_repeats`: abcabc, a stable sort by rollout index) the rows are read once per
-    rollout index, each pass sending that index only.
+    rollout index, each pass sending that index only. `attempt_of(task, rollout)` gives a retried pair's
+    `_ng_attempt_index` (set in its body and on its request). With `materialize`, an episode request's body
+    is its flat row instead (NeMo Gym's materialized input of a taskset row).
     """
-    state = _Dispatch()
+    state = _Dispatch(attempt_of=attempt_of, materialize=materialize)
     if not interleave:
         yield from _dispatch_pass(rows, builder, is_done, bad_row_rollouts, indexer, state, None)
         return
@@ -347,6 +352,8 @@ def iter_requests(
 class _Dispatch:
     seq: int = 0
     max_rollout: int = -1
+    attempt_of: Callable[[int, int], int] | None = None
+    materialize: bool = False
 
 
 def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[int, int], bool],
@@ -380,9 +387,11 @@ def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[
             key = builder.router.key(row.data, where)
             count = builder.rollouts(key)
             stamps = builder.result_stamps(row.data) or None
-            for r, agent, ref, body in builder.build(row.data, task, where, skip, first, key):
+            attempt_of = state.attempt_of
+            for r, agent, ref, body, attempt in builder.build(row.data, task, where, skip, first, key,
+                                                               attempt_of=attempt_of, materialize=state.materialize):
                 yield RolloutRequest(state.seq, task, r, ref, body, stamps=stamps,
-                                     route=agent if ref is None else None)
+                                     route=agent if ref is None else None, attempt=attempt)
                 state.seq += 1
         state.max_rollout = max(state.max_rollout, first + count - 1)
         if indexer is not None:

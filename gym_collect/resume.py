@@ -2,16 +2,18 @@
 
 A run is defined by its manifest (`<stem>_run.json`): the input's content (size and a fingerprint of every
 byte), the row range, `limit`, `num_repeats`, the `responses_create_params` overrides and the routing.
-Resume refuses a run whose definition changed; it skips every (task, rollout) already written and redoes
-failed ones (keeping permanent ones with `keep_permanent_failures=true`). The files themselves are the
-writer's (`gym_collect.writer.outputs`).
+Resume refuses a run whose definition changed (or, without a manifest, whose materialized inputs differ from
+what this run would send); it skips every (task, rollout) already written and redoes failed ones, within
+NeMo Gym's attempt rules (`gym_collect.nemo.failures.PriorAttempts`). The files themselves are the writer's
+(`gym_collect.writer.outputs`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Iterator
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +50,27 @@ def check_resumable(recorded: dict[str, Any] | None, definition: dict[str, Any],
         )
 
 
-def failure_kept(keep_permanent_failures: bool) -> Callable[[dict[str, Any]], bool]:
-    """Which failure records resume keeps rather than redoes: permanent ones when asked, else none."""
-    return lambda record: keep_permanent_failures and bool(record.get("permanent"))
+def check_materialized(recorded: Iterator[tuple[int, dict[str, Any]]], bodies: Iterator[bytes], path: Path) -> int:
+    """Compare an output's `<stem>_materialized_inputs.jsonl` (`recorded`: (line number, record)) with the
+    bodies this run would send, in order, as parsed JSON; the number of lines.
+
+    This is how resume checks an output without a manifest (one NeMo Gym wrote) against this run's input
+    and settings. Raises `ConfigError` naming the first line that differs.
+    """
+    count = 0
+    for entry, body in zip_longest(recorded, bodies, fillvalue=None):
+        if entry is None or body is None:
+            which = "fewer" if entry is None else "more"
+            raise ConfigError(f"resume refused: {path} lists {which} rollouts than this run's input and settings "
+                              f"give (from line {count + 1}); rerun with the original settings, or pass "
+                              "overwrite=true (or a new output path) to start over")
+        line_no, record = entry
+        if orjson.loads(body) != record:
+            raise ConfigError(f"resume refused: {path}:{line_no} is not the request this run's input and settings "
+                              "give for it; rerun with the original settings, or pass overwrite=true (or a new "
+                              "output path) to start over")
+        count += 1
+    return count
 
 
 def _show(key: str, value: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -19,12 +20,33 @@ MAX_RETRY_AFTER_S = 3600.0
 RETRYABLE_STATUSES = (408, 425, 429, 500, 502, 503, 504)  # RFC 9110 §15.5.9, §15.5.10 (RFC 8470), §15.5.20, 5xx
 
 
-def error_for_status(status: int, retry_after: str | None, message: str) -> RolloutError:
-    """What a non-200 answer means: `TransientRolloutError` for `RETRYABLE_STATUSES` (with the server's
-    `Retry-After` in seconds), `PermanentRolloutError` for any other status."""
-    if status in RETRYABLE_STATUSES:
-        return TransientRolloutError(message, status=status, retry_after_s=parse_retry_after(retry_after))
-    return PermanentRolloutError(message, status=status)
+# A client error from a model server, as OpenAI (`invalid_request_error`), vLLM and the OpenAI Python client
+# (`BadRequestError`, `"code": 400`) word it, possibly JSON-escaped inside the 500 that NeMo Gym's servers
+# answer when a server behind them failed (`nemo_gym/server_utils.py:1220-1233`: "Hit an exception in X
+# calling an inner server: <its body>").
+WRAPPED_CLIENT_ERROR = re.compile(
+    r"invalid_request_error|BadRequestError|NotFoundError|UnprocessableEntityError|context_length_exceeded"
+    r'|\bcode\\*"\s*:\s*(?:400|404|413|422)\b'
+)
+
+
+def error_for_status(status: int, retry_after: str | None, message: str, *, body: str = "",
+                     failure_message: str | None = None) -> RolloutError:
+    """What a non-200 answer means.
+
+    `TransientRolloutError` for `RETRYABLE_STATUSES` (with the server's `Retry-After` in seconds), except a 500
+    whose `body` wraps a model server's client error (`WRAPPED_CLIENT_ERROR`): the same request fails the
+    same way every time, so it is a `PermanentRolloutError`, as is any other status. `body` is kept on the
+    error for the failure record.
+    """
+    kind: type[RolloutError] = PermanentRolloutError
+    if status == 500 and WRAPPED_CLIENT_ERROR.search(body):
+        message += " (a client error wrapped in a 500: retrying cannot heal it)"
+    elif status in RETRYABLE_STATUSES:
+        kind = TransientRolloutError
+    return kind(message, status=status, retry_after_s=parse_retry_after(retry_after) if kind is not
+                PermanentRolloutError else None, failure_type="ClientResponseError",
+                failure_message=failure_message, response_body=body or None)
 
 
 @dataclass

@@ -21,27 +21,31 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from gym_collect.client import AgentClient
 from gym_collect.concurrency.cost import usage_cost
 from gym_collect.concurrency.limits import InFlightLimits
 from gym_collect.concurrency.read_ahead import ReadAhead
-from gym_collect.errors import AgentTimeoutError, GymCollectError, PermanentRolloutError, RolloutError
+from gym_collect.errors import AgentTimeoutError, GymCollectError, RolloutError
 from gym_collect.metrics import Progress, RunMetrics
+from gym_collect.nemo.failures import (
+    BAD_INPUT_ROW,
+    FAILURE_CLASS_KEY,
+    NO_PERSIST_KEY,
+    bad_row_failure,
+    collector_failure,
+)
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_TARGET
-from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, episode_record
+from gym_collect.nemo.rows import ATTEMPT_INDEX_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY, episode_record
 from gym_collect.reader import RolloutRequest
 from gym_collect.retry import RetryPolicy
 from gym_collect.writer import RolloutWriter, rollout_line
 
 log = logging.getLogger(__name__)
 
-FAILURE_CLASS_KEY = "_ng_failure_class"
-NO_PERSIST_KEY = "_ng_no_persist"
-TERMINAL_KEY = "_ng_failure_terminal"
 PROGRESS_LOG_EVERY_S = 30.0
+FAILURE_STOPS_RUN = "route_failures_to_sidecar=false and a rollout failed"
 
 
 @dataclass
@@ -73,6 +77,8 @@ class Runner:
         limits: the in-flight limits (per backend and in all); the runner acquires and reports.
         read_ahead: requests read and not yet started, at most (memory bound), with several backends.
         run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
+        record_failures: write a rollout the collector gets no answer for to the failures file and go on
+            (else stop the run there, writing nothing for it: `route_failures_to_sidecar=false`).
     """
 
     def __init__(
@@ -92,7 +98,9 @@ class Runner:
         status_every_s: float,
         clock: Callable[[], float] = time.monotonic,
         read_ahead: int = 1024,
+        record_failures: bool = True,
     ) -> None:
+        self.record_failures = record_failures
         self.client, self.agent_urls, self.writer = client, agent_urls, writer
         self.result_fields = result_fields or {}
         self.metrics, self.progress, self.policy = metrics, progress, policy
@@ -174,7 +182,7 @@ class Runner:
     async def _collect(self, request: RolloutRequest) -> None:
         try:
             if request.error is not None:
-                self._fail(request, "BadInputRow", None, request.error, 0, 0.0, permanent=True)
+                self._record_failure(request, bad_row_failure(request.error), BAD_INPUT_ROW)
                 return
             await self._attempts(request)
         except asyncio.CancelledError:
@@ -188,7 +196,6 @@ class Runner:
         url = self.agent_urls[request.agent_name]
         backend = self.limits.backend_of(request.agent_name)
         key = f"{self.run_key}-{request.task_index}-{request.rollout_index}"
-        first_start = self.clock()
         attempt = 0
         while True:
             attempt += 1
@@ -201,8 +208,7 @@ class Runner:
                 self._adapt(backend, error)
                 wait_s = self.policy.next_wait_s(error, attempt)
                 if wait_s is None:
-                    self._fail(request, error.error_class, error.status, str(error), attempt,
-                               self.clock() - first_start, permanent=isinstance(error, PermanentRolloutError))
+                    self._give_up(request, error, attempt)
                     return
                 if error.status == 429 and error.retry_after_s and self.limits.adaptive(backend) is None:
                     self._pause(request.agent_name, error.retry_after_s)  # under auto, the limit backs off
@@ -213,11 +219,10 @@ class Runner:
                 continue
             latency_s = self.clock() - start
             self.limits.report_success(backend, latency_s, usage_cost(answer), self.clock())
-            self._deliver(request, answer, latency_s, attempt, self.clock() - first_start)
+            self._deliver(request, answer, latency_s)
             return
 
-    def _deliver(self, request: RolloutRequest, answer: dict[str, Any], latency_s: float, attempts: int,
-                 elapsed_s: float) -> None:
+    def _deliver(self, request: RolloutRequest, answer: dict[str, Any], latency_s: float) -> None:
         if request.route is not None and request.route.startswith(ENVIRONMENT_TARGET):
             answer = episode_record(answer)
         if answer.get(NO_PERSIST_KEY):
@@ -225,38 +230,39 @@ class Runner:
             self.writer.finish(request, None)
             return
         if answer.get(FAILURE_CLASS_KEY):
-            self._fail(request, str(answer[FAILURE_CLASS_KEY]), 200, "the agent reported a failure", attempts,
-                       elapsed_s, permanent=bool(answer.get(TERMINAL_KEY)), answer=answer)
+            self._record_failure(request, answer, str(answer[FAILURE_CLASS_KEY]))
             return
-        answer[TASK_INDEX_KEY] = request.task_index
-        answer[ROLLOUT_INDEX_KEY] = request.rollout_index
-        if request.agent_ref is not None:
-            answer[AGENT_REF_KEY] = request.agent_ref
-        answer.update(self.result_fields.get(request.agent_name, ()))
-        if request.stamps:
-            answer.update(request.stamps)
-        self.writer.finish(request, rollout_line(answer))
+        self.writer.finish(request, rollout_line(self._stamp(request, answer)))
         self.metrics.add_success(request.agent_name, latency_s, answer)
 
-    def _fail(self, request: RolloutRequest, error_class: str, status: int | None, message: str, attempts: int,
-              elapsed_s: float, *, permanent: bool, answer: dict[str, Any] | None = None) -> None:
-        record: dict[str, Any] = {
-            TASK_INDEX_KEY: request.task_index,
-            ROLLOUT_INDEX_KEY: request.rollout_index,
-            AGENT_REF_KEY: request.agent_ref,
-            "error_class": error_class,
-            "status": status,
-            "message": message,
-            "attempts": attempts,
-            "elapsed_s": round(elapsed_s, 3),
-            "permanent": permanent,
-            "failed_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            **self.result_fields.get(request.agent_name, {}),
-        }
-        if answer is not None:
-            record["answer"] = answer
-        self.writer.finish(request, None, rollout_line(record))
-        self.metrics.add_failure(request.agent_name, error_class)
+    def _stamp(self, request: RolloutRequest, record: dict[str, Any]) -> dict[str, Any]:
+        """Set NeMo Gym 0.7's result stamps (`rollout_collection.py:2597-2616`) on a result or failure record."""
+        record[TASK_INDEX_KEY] = request.task_index
+        record[ROLLOUT_INDEX_KEY] = request.rollout_index
+        if request.agent_ref is not None:
+            record[AGENT_REF_KEY] = request.agent_ref
+        if request.attempt:
+            record[ATTEMPT_INDEX_KEY] = request.attempt
+        record.update(self.result_fields.get(request.agent_name, ()))
+        if request.stamps:
+            record.update(request.stamps)
+        return record
+
+    def _give_up(self, request: RolloutRequest, error: RolloutError, attempts: int) -> None:
+        """A rollout the collector could not get an answer for, after `attempts` attempts."""
+        what = f"task {request.task_index} rollout {request.rollout_index} failed after {attempts} attempt(s): {error}"
+        if not self.record_failures:
+            log.error("%s", what)
+            self.metrics.add_failure(request.agent_name, error.error_class)
+            self.writer.finish(request, None)
+            self.stop(f"{FAILURE_STOPS_RUN} ({what})", grace_s=0.0)
+            return
+        log.warning("%s", what)
+        self._record_failure(request, collector_failure(error), error.error_class)
+
+    def _record_failure(self, request: RolloutRequest, record: dict[str, Any], failure_class: str) -> None:
+        self.writer.finish(request, None, rollout_line(self._stamp(request, record)))
+        self.metrics.add_failure(request.agent_name, failure_class)
         reason = self.budget.exceeded(self.metrics.failed, self.metrics.done)
         if reason is not None:
             self.stop(f"failure budget spent: {reason}", grace_s=0.0)

@@ -44,7 +44,10 @@ async def test_retryable_status_is_retried_then_recorded(tmp_path: Path, inp: Pa
         result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, max_attempts=2, limit=2))
     assert result.exit_code == EXIT_FAILURES
     records = failures_of(tmp_path)
-    assert [(r["status"], r["attempts"], r["permanent"]) for r in records] == [(status, 2, False)] * 2
+    expected_class = "agent_request_failed" if status in (429, 502, 503, 504) else "agent_run_error"
+    assert [(r["_ng_failure_http_status"], r["_ng_failure_class"], r["_ng_failure_type"]) for r in records] == [
+        (status, expected_class, "ClientResponseError")] * 2
+    assert all(r["_ng_failure_response_body"] == f'{{"detail":"scripted status {status}"}}' for r in records)
     assert sum(sim.stats.attempts.values()) == 4
 
 
@@ -54,7 +57,8 @@ async def test_non_retryable_status_fails_at_once(tmp_path: Path, inp: Path, sta
         result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, max_attempts=5, limit=3))
     assert result.exit_code == EXIT_FAILURES
     records = failures_of(tmp_path)
-    assert [(r["error_class"], r["attempts"], r["permanent"]) for r in records] == [(f"HTTP{status}", 1, True)] * 3
+    assert [(r["_ng_failure_http_status"], r["_ng_failure_class"]) for r in records] == [(status, "agent_run_error")] * 3
+    assert all("_ng_failure_terminal" not in r for r in records)  # resume may try again, as NeMo Gym would
     assert sum(sim.stats.attempts.values()) == 3
     assert not (tmp_path / "out.jsonl").read_bytes()
 
@@ -63,10 +67,12 @@ async def test_non_retryable_status_fails_at_once(tmp_path: Path, inp: Path, sta
 async def test_retry_after_is_honoured_in_both_forms(tmp_path: Path, inp: Path, as_date: bool) -> None:
     cfg = SimAgentConfig(service_time_s=0.0, fail_status=429, retry_after_s=1.0, retry_after_as_date=as_date)
     async with SimAgent(cfg) as sim:
+        started = time.monotonic()
         await collect(config(inp, tmp_path / "out.jsonl", sim.url, max_attempts=2, limit=1))
+        elapsed = time.monotonic() - started
     (record,) = failures_of(tmp_path)
-    assert record["attempts"] == 2 and record["status"] == 429
-    assert record["elapsed_s"] >= 0.5  # Retry-After 1 s (a date is only precise to the second)
+    assert sum(sim.stats.attempts.values()) == 2 and record["_ng_failure_http_status"] == 429
+    assert elapsed >= 0.5  # Retry-After 1 s (a date is only precise to the second)
 
 
 async def test_a_429_pauses_new_dispatch_to_that_agent(tmp_path: Path, inp: Path) -> None:
@@ -90,7 +96,8 @@ async def test_hung_request_times_out_then_fails(tmp_path: Path, inp: Path) -> N
                                       limit=4))
     assert time.monotonic() - started < 10
     assert result.exit_code == EXIT_FAILURES
-    assert {r["error_class"] for r in failures_of(tmp_path)} == {"AgentTimeout"}
+    assert {(r["_ng_failure_class"], r["_ng_failure_type"], r["_ng_failure_http_status"])
+            for r in failures_of(tmp_path)} == {("agent_request_failed", "TimeoutError", None)}
 
 
 async def test_resets_and_non_json_answers_are_retried(tmp_path: Path, inp: Path) -> None:
@@ -182,11 +189,11 @@ async def test_nemo_gym_failure_markers_are_honoured(tmp_path: Path, inp: Path, 
     assert result.exit_code == EXIT_FAILURES
     assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(0, 0), (3, 0)]
     (failure,) = failures_of(tmp_path)
-    assert (failure["_ng_task_index"], failure["error_class"], failure["permanent"]) == (1, "sandbox_crash", True)
+    assert (failure["_ng_task_index"], failure["_ng_failure_class"], failure["_ng_failure_terminal"]) == (
+        1, "sandbox_crash", True)
     assert result.metrics is not None and result.metrics["rollouts"]["not_persisted"] == 1
-    # resume redoes the not-persisted rollout (task 2) and keeps the terminal failure when asked
-    await collect(config(inp, tmp_path / "out.jsonl", marker_agent, limit=4, resume=True,
-                         keep_permanent_failures=True))
+    # resume redoes the not-persisted rollout (task 2) and leaves the terminal failure alone
+    await collect(config(inp, tmp_path / "out.jsonl", marker_agent, limit=4, resume=True))
     assert [r["_ng_task_index"] for r in failures_of(tmp_path)] == [1]
 
 
@@ -196,7 +203,7 @@ async def test_bad_rows_are_skipped_and_recorded_with_file_and_line(tmp_path: Pa
     result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, on_bad_row="skip"))
     assert result.exit_code == EXIT_FAILURES
     assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(0, 0), (3, 0)]
-    messages = {r["_ng_task_index"]: r["message"] for r in failures_of(tmp_path)}
+    messages = {r["_ng_task_index"]: r["_ng_failure_message"] for r in failures_of(tmp_path)}
     assert messages[1].startswith(f"{inp}:2: not valid JSON")
     assert messages[2] == f"{inp}:4: not a JSON object (a list)"
 

@@ -61,7 +61,9 @@ async def test_resume_redoes_failures_and_keeps_idempotency_keys(tmp_path: Path)
         second = await collect(make_config(inp, out, sim.url, max_attempts=1, resume=True))
     assert (first.exit_code, second.exit_code) == (3, EXIT_OK)
     assert sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(6)]
-    assert not (tmp_path / "out_failures.jsonl").exists()
+    # the failures file is history (NeMo Gym counts attempts from it); each retry says it is the second attempt
+    assert len(read_jsonl(tmp_path / "out_failures.jsonl")) == 6
+    assert {r["_ng_attempt_index"] for r in read_jsonl(out)} == {1}
     assert {k: set(v) for k, v in sim.stats.idempotency_keys.items()} == keys
 
 

@@ -136,7 +136,7 @@ def test_fan_out_runs_a_row_once_per_agent_with_consecutive_rollout_indices() ->
     builder = RequestBuilder(r, lambda agent, basis: {"p": 2, "q": 1}[agent or ""], {})
     row = {"agent_ref": {"name": "a"}, "responses_create_params": {"input": "hi"}}
     assert builder.rollouts(builder.check(row, "x")) == 3
-    out = [(i, agent, orjson.loads(body)) for i, agent, _, body in builder.build(row, 7, "x", lambda r: False)]
+    out = [(i, agent, orjson.loads(body)) for i, agent, _, body, _ in builder.build(row, 7, "x", lambda r: False)]
     assert [(i, a) for i, a, _ in out] == [(0, "p"), (1, "p"), (2, "q")]
     assert [(b["_ng_task_index"], b["_ng_rollout_index"], b["agent_ref"]["name"]) for _, _, b in out] == [
         (7, 0, "p"), (7, 1, "p"), (7, 2, "q")]
@@ -157,7 +157,7 @@ def test_num_repeats_map_null_and_missing_entries() -> None:
 def test_seed_goes_into_metadata_extra_body_as_nemo_gym_writes_it() -> None:
     builder = RequestBuilder(router(unnamed_agent="a"), lambda *k: 2, {}, add_seed=True)
     row = {"responses_create_params": {"input": "q", "metadata": {"extra_body": '{"top_k": 5}'}}}
-    bodies = [orjson.loads(body) for *_, body in builder.build(row, 0, "x", lambda r: False)]
+    bodies = [orjson.loads(body) for *_, body, _ in builder.build(row, 0, "x", lambda r: False)]
     extra = [b["responses_create_params"]["metadata"]["extra_body"] for b in bodies]
     assert extra == [json.dumps({"top_k": 5, "seed": 0}), json.dumps({"top_k": 5, "seed": 1})]
     assert row["responses_create_params"]["metadata"]["extra_body"] == '{"top_k": 5}'  # no seed leaks across
@@ -169,7 +169,7 @@ def test_prompt_config_builds_the_input_and_refuses_rows_that_have_one(tmp_path:
     builder = RequestBuilder(router(unnamed_agent="a"), lambda *k: 1, {"temperature": 0.5}, prompt=prompt)
     row = {"question": "1+1", "kind": "math", "responses_create_params": {"max_output_tokens": 9}}
     builder.check(row, "in.jsonl:1")
-    (*_, body), = builder.build(row, 0, "in.jsonl:1", lambda r: False)
+    (*_, body, _), = builder.build(row, 0, "in.jsonl:1", lambda r: False)
     assert orjson.loads(body)["responses_create_params"] == {
         "max_output_tokens": 9, "temperature": 0.5,
         "input": [{"role": "system", "content": "You solve math problems."},
@@ -197,11 +197,9 @@ def test_keys_that_cannot_apply_get_one_notice_each() -> None:
     assert len(lines) == 2 and all("has no effect here" in line for line in lines)
 
 
-def test_limit_zero_head_server_keys_and_route_failures_to_sidecar() -> None:
+def test_limit_zero_and_head_server_keys() -> None:
     cfg = CollectConfig(limit=0, head_server=HeadServerConfig("10.1.2.3", 11001))
     assert cfg.limit is None and cfg.head_server_url == "http://10.1.2.3:11001"
-    assert CollectConfig(route_failures_to_sidecar=False).max_failures == 1
-    assert CollectConfig(route_failures_to_sidecar=True).max_failures is None
 
 
 # End to end against the simulated agent's head document ---------------------------------------------------------
@@ -338,8 +336,8 @@ async def test_materialized_taskset_rows_go_as_episode_requests_to_their_route(t
                                                                             ("b", "t1")]
     assert {(r["_ng_environment_server"], r["_ng_result_type"]) for r in written} == {("tasks_env", "episode_env")}
     failures = read_jsonl(tmp_path / "out_failures.jsonl")
-    assert len(failures) == 2 and all(f["permanent"] for f in failures)
-    assert {f["answer"]["_ng_failure_class"] for f in failures} == {"environment_server_failed"}
+    assert len(failures) == 2 and all(f["_ng_failure_terminal"] for f in failures)
+    assert {f["_ng_failure_class"] for f in failures} == {"environment_server_failed"}
     with pytest.raises(ConfigError, match="environment_routing_mode=taskset takes only materialized task rows"):
         RequestBuilder(router(taskset_routes={"ts": "e"}, tasksets_only=True), lambda *k: 1, {}).check({"q": 1}, "x")
 

@@ -215,7 +215,7 @@ def test_secrets_echoed_in_error_bodies_reach_no_file_and_no_output(tmp_path: Pa
                            *credentials, "max_attempts=2", "backoff_initial_s=0.01", "backoff_max_s=0.01")
     assert code == EXIT_FAILURES, output
     failures = read_jsonl(tmp_path / "out_failures.jsonl")
-    assert len(failures) == 3 and all("<redacted>" in f["message"] for f in failures)
+    assert len(failures) == 3 and all("<redacted>" in f["_ng_failure_response_body"] for f in failures)
     assert secret not in output
     for path in tmp_path.rglob("*"):
         if path.is_file():
@@ -236,8 +236,8 @@ async def test_a_redirect_never_turns_post_into_a_saved_get(tmp_path: Path, stat
     assert result.exit_code == EXIT_FAILURES
     assert read_jsonl(tmp_path / "out.jsonl") == []
     failures = read_jsonl(tmp_path / "out_failures.jsonl")
-    assert {f["error_class"] for f in failures} == {f"HTTP{status}"}
-    assert all("/elsewhere" in f["message"] and f["attempts"] == 1 for f in failures)
+    assert {f["_ng_failure_http_status"] for f in failures} == {status}
+    assert all("/elsewhere" in f["_ng_failure_message"] for f in failures) and server.requests["POST /run"] == 2
     assert server.requests.get("GET /elsewhere", 0) == server.requests.get("POST /elsewhere", 0) == 0
 
 

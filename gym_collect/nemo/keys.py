@@ -20,7 +20,6 @@ NOTICES: dict[str, str | None] = {  # None: accepted silently (nothing to do her
     "health_check_ignored_checks": "health reports are not written here",
     "rollout_collection_driver": "applies to NeMo Gym's end-to-end `gym eval run`, not to a collector",
     "dispatch_longest_first": "rows are dispatched in input order",
-    "retry_terminal_timeouts": "failures are retried by class here (max_attempts)",
     "retry_invalid_judge_responses": "failures are retried by class here (max_attempts)",
     "skills": "skills are not stamped here (no skills_ref)",
     "upload_rollouts": "rollouts are not uploaded to an exporter (W&B, MLflow) here",
@@ -44,7 +43,6 @@ class NemoGymOnlyKeys:
     health_check_ignored_checks: list[str] = field(default_factory=list)
     rollout_collection_driver: str | None = None
     dispatch_longest_first: bool = False
-    retry_terminal_timeouts: bool = False
     retry_invalid_judge_responses: bool = False
     skills: Any = None
     upload_rollouts: bool = True

@@ -117,16 +117,20 @@ class RequestBuilder:
         return total
 
     def build(self, row: dict[str, Any], task_index: int, where: str, skip: Callable[[int], bool],
-              first_rollout: int = 0, key: RouteKey | None = None
-              ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
-        """(rollout index, agent, `agent_ref`, body) of each rollout of `row` that `skip` does not drop;
-        rollout indices count on from `first_rollout` (earlier rows of the same task index).
+              first_rollout: int = 0, key: RouteKey | None = None, *,
+              attempt_of: Callable[[int, int], int] | None = None, materialize: bool = False,
+              ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes, int]]:
+        """(rollout index, agent, `agent_ref`, body, attempt index) of each rollout of `row` that `skip` does
+        not drop; rollout indices count on from `first_rollout` (earlier rows of the same task index).
 
+        `attempt_of(task, rollout)` is the pair's `_ng_attempt_index` (attempts in earlier runs), set in the
+        body when above 0 (`nemo_gym/rollout_collection.py:2303-2312`). With `materialize`, a taskset row's
+        body is the row with its indices (what 0.7 writes to the materialized inputs), not the episode request.
         Mutates `row` (it is the reader's own parsed copy). `key` is the row's `RouteKey` when known.
         """
         key = key or self.router.key(row, where)
         if key.targets[0].startswith(ENVIRONMENT_TARGET):
-            yield from self._episodes(row, key, task_index, skip, first_rollout)
+            yield from self._episodes(row, key, task_index, skip, first_rollout, attempt_of, materialize)
             return
         if self.prompt is not None:
             own = row.get(RESPONSES_CREATE_PARAMS_KEY)
@@ -153,31 +157,42 @@ class RequestBuilder:
                 ref = {"name": agent}
             for _ in range(repeats):
                 if not skip(rollout):
-                    yield rollout, agent, ref, self._body(row, ref, rollout)
+                    attempt = attempt_of(task_index, rollout) if attempt_of is not None else 0
+                    yield rollout, agent, ref, self._body(row, ref, rollout, attempt), attempt
                 rollout += 1
 
     def _episodes(self, row: dict[str, Any], key: RouteKey, task_index: int, skip: Callable[[int], bool],
-                  first_rollout: int) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes]]:
-        """Episode requests for a materialized task row (`nemo_gym/rollout_collection.py:299-314`)."""
+                  first_rollout: int, attempt_of: Callable[[int, int], int] | None, materialize: bool,
+                  ) -> Iterator[tuple[int, str, dict[str, Any] | None, bytes, int]]:
+        """Episode requests for a materialized task row (`nemo_gym/rollout_collection.py:299-314`), or with
+        `materialize` the row itself with its indices and environment server."""
         target = key.targets[0]
-        attempt = row.get(ATTEMPT_INDEX_KEY, 0)
+        row[TASK_INDEX_KEY] = task_index
+        row.setdefault(ENVIRONMENT_SERVER_KEY, target.removeprefix(ENVIRONMENT_TARGET))
         for rollout in range(first_rollout, first_rollout + (self.repeats_for(target, key.basis) or 0)):
             if skip(rollout):
                 continue
+            attempt = attempt_of(task_index, rollout) if attempt_of is not None else 0
+            if materialize:
+                row[ROLLOUT_INDEX_KEY] = rollout
+                yield rollout, target, None, orjson.dumps(row), attempt
+                continue
             rollout_id = row.get(ROLLOUT_ID_KEY) or f"{task_index}-{rollout}"
-            body = {"episode_id": {"rollout_id": rollout_id, "attempt": attempt},
+            body = {"episode_id": {"rollout_id": rollout_id, "attempt": attempt or row.get(ATTEMPT_INDEX_KEY, 0)},
                     "task": {"task_id": row["task_id"], "task_input": row["task_input"]}}
-            yield rollout, target, None, orjson.dumps(body)
+            yield rollout, target, None, orjson.dumps(body), attempt
 
     @staticmethod
     def result_stamps(row: Mapping[str, Any]) -> dict[str, Any]:
         """The row's fields NeMo Gym 0.7 sets on each of its results (`rollout_collection.py:2597-2612`)."""
         return {key: row[key] for key in RESULT_STAMP_KEYS if key in row}
 
-    def _body(self, row: dict[str, Any], ref: dict[str, Any] | None, rollout: int) -> bytes:
+    def _body(self, row: dict[str, Any], ref: dict[str, Any] | None, rollout: int, attempt: int = 0) -> bytes:
         row[ROLLOUT_INDEX_KEY] = rollout
         if ref is not None:
             row[AGENT_REF_KEY] = ref
+        if attempt:
+            row = {**row, ATTEMPT_INDEX_KEY: attempt}
         if not self.add_seed:
             return orjson.dumps(row)
         rcp = dict(row.get(RESPONSES_CREATE_PARAMS_KEY) or {})

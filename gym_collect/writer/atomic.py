@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     replace_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
 
 
-def replace_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
-    """Replace `path` with `data` through a temporary file in the same folder and `os.replace`.
+def replace_atomic(path: Path, data: bytes | Iterable[bytes], *, durable: bool = True) -> None:
+    """Replace `path` with `data` (bytes, or chunks written as they come, so a large file is streamed)
+    through a temporary file in the same folder and `os.replace`.
 
     With `durable` the data and the rename are fsynced first (POSIX rename is atomic, but without fsync
     a power loss may leave an empty file under the new name). The file gets the same mode as the
-    output lines (`file_mode()`). Raises `OutputError` when the folder cannot be written.
+    output lines (`file_mode()`). Raises `OutputError` when the folder cannot be written; an exception
+    from the chunks' iterator leaves `path` as it was.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +41,11 @@ def replace_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
         try:
             with os.fdopen(fd, "wb") as f:
                 os.fchmod(f.fileno(), file_mode())
-                f.write(data)
+                if isinstance(data, bytes):
+                    f.write(data)
+                else:
+                    for chunk in data:
+                        f.write(chunk)
                 if durable:
                     f.flush()
                     os.fsync(f.fileno())

@@ -7,14 +7,13 @@ append, side files, close, release.
         writer = outputs.open_writer(...)                     # the rollout and failure lines
         ...
         outputs.write_metrics(doc)
-    # closed; an empty failures file removed; lock released
+    # closed; lock released
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +24,7 @@ import orjson
 from gym_collect.errors import OutputError
 from gym_collect.writer.atomic import replace_atomic, write_json_atomic
 from gym_collect.writer.done import DoneSet
-from gym_collect.writer.lines import LineFile, read_records, repair_torn_tail, rollout_line
+from gym_collect.writer.lines import LineFile, read_records, repair_torn_tail
 from gym_collect.writer.lock import OutputLock
 from gym_collect.writer.paths import OutputPaths, check_output_folder, check_output_paths
 from gym_collect.writer.reorder import RolloutWriter
@@ -42,8 +41,7 @@ class PriorOutput:
     """What an existing output held when the run started (all zero for a fresh run)."""
 
     rollouts: int = 0
-    failures_kept: int = 0
-    failures_redone: int = 0
+    failure_records: int = 0
     duplicates: int = 0
 
 
@@ -76,10 +74,6 @@ class RunOutputs:
             for f in self._files:
                 f.__exit__(None, None, None)
             self._files.clear()
-            failures = self.paths.failures
-            with contextlib.suppress(OSError):
-                if failures.exists() and failures.stat().st_size == 0:
-                    failures.unlink()
         finally:
             self._lock.__exit__(exc_type, exc, tb)
 
@@ -110,16 +104,16 @@ class RunOutputs:
         *,
         resume: bool,
         overwrite: bool,
-        keep_failure: Callable[[dict[str, Any]], bool],
         on_prior_rollout: Callable[[dict[str, Any]], None],
+        on_prior_failure: Callable[[tuple[int, int], dict[str, Any]], None],
     ) -> PriorOutput:
         """Make the files ready for this run and fill `done` with what the output already holds.
 
         Fresh: refuse an existing non-empty output (`OutputError`) unless `resume` or `overwrite`.
-        Overwrite: remove every file of the run. Resume: cut torn last lines, mark each written pair in
-        `done` (a pair written twice or outside the selection is counted in `duplicates` and left alone),
-        keep the failure records for which `keep_failure` is true (and whose pair is not done) and drop the
-        others, to be redone. Then write `manifest` atomically.
+        Fresh or overwrite: remove every file of the run (but the lock). Resume: cut torn last lines, mark each
+        written pair in `done` (a pair written twice or outside the selection is counted in `duplicates` and left alone), hand
+        every failure record to `on_prior_failure` (the failures file is history: it is only appended to), and
+        remove an aggregate-metrics file that no longer describes the output. Then write `manifest` atomically.
         """
         prior = PriorOutput()
         existing = self.existing()
@@ -128,11 +122,11 @@ class RunOutputs:
                 f"{existing[0]} already exists and is not empty: pass resume=true to finish that run, "
                 "or overwrite=true to start over"
             )
-        if overwrite:
+        if overwrite or not existing:  # a fresh start inherits no attempts, inputs or metrics
             for p in self.paths.written:
                 if p != self.paths.lock:
                     p.unlink(missing_ok=True)
-        elif resume and existing:
+        else:
             repair_torn_tail(self.paths.output)
             for line_no, record in read_records(self.paths.output):
                 if done.add(*record_pair(record, self.paths.output, line_no)):
@@ -140,9 +134,24 @@ class RunOutputs:
                     on_prior_rollout(record)
                 else:
                     prior.duplicates += 1
-            self._keep_failures(done, keep_failure, prior)
+            if self.paths.failures.exists():
+                repair_torn_tail(self.paths.failures)
+                for line_no, record in read_records(self.paths.failures):
+                    on_prior_failure(record_pair(record, self.paths.failures, line_no), record)
+                    prior.failure_records += 1
+            self.paths.aggregate_metrics.unlink(missing_ok=True)
         write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, **manifest})
         return prior
+
+    def materialized_records(self) -> Iterator[tuple[int, dict[str, Any]]] | None:
+        """(line number, record) of the existing `<stem>_materialized_inputs.jsonl`, or None when there is none."""
+        path = self.paths.materialized_inputs
+        return read_records(path) if path.exists() else None
+
+    def write_materialized(self, lines: Iterable[bytes]) -> None:
+        """Replace `<stem>_materialized_inputs.jsonl` with `lines` (whole JSON lines), streamed, atomically:
+        NeMo Gym's tools never see a partial file. Raises `OutputError`."""
+        replace_atomic(self.paths.materialized_inputs, lines)
 
     def open_writer(self, *, ordered: bool, window: int) -> RolloutWriter:
         """Open the rollout and failure files for appending (closed when the block ends)."""
@@ -159,21 +168,6 @@ class RunOutputs:
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Replace `<stem>_metrics.json` durably."""
         write_json_atomic(self.paths.metrics, metrics)
-
-    def _keep_failures(self, done: DoneSet, keep: Callable[[dict[str, Any]], bool], prior: PriorOutput) -> None:
-        path = self.paths.failures
-        if not path.exists():
-            return
-        repair_torn_tail(path)
-        kept: list[bytes] = []
-        for line_no, record in read_records(path):
-            pair = record_pair(record, path, line_no)
-            if keep(record) and done.add(*pair):
-                kept.append(rollout_line(record))
-            else:
-                prior.failures_redone += 1
-        prior.failures_kept = len(kept)
-        replace_atomic(path, b"".join(kept))
 
 
 def count_done(paths: OutputPaths, done: DoneSet) -> int:
