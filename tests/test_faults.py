@@ -57,7 +57,8 @@ async def test_non_retryable_status_fails_at_once(tmp_path: Path, inp: Path, sta
         result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, max_attempts=5, limit=3))
     assert result.exit_code == EXIT_FAILURES
     records = failures_of(tmp_path)
-    assert [(r["_ng_failure_http_status"], r["_ng_failure_class"]) for r in records] == [(status, "agent_run_error")] * 3
+    assert [(r["_ng_failure_http_status"], r["_ng_failure_class"]) for r in records] == [
+        (status, "agent_run_error")] * 3
     assert all("_ng_failure_terminal" not in r for r in records)  # resume may try again, as NeMo Gym would
     assert sum(sim.stats.attempts.values()) == 3
     assert not (tmp_path / "out.jsonl").read_bytes()

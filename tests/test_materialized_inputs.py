@@ -110,7 +110,7 @@ async def test_resume_refuses_materialized_inputs_of_another_run(tmp_path: Path,
     else:
         lines.append(lines[0])
     side.write_bytes(b"".join(lines))
-    with pytest.raises(ConfigError, match="resume refused: .*materialized_inputs.jsonl"):
+    with pytest.raises(ConfigError, match=r"resume refused: .*materialized_inputs\.jsonl"):
         await collect(config(inp, out, server.url, resume=True))
 
 
