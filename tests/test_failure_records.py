@@ -71,7 +71,8 @@ async def test_a_collector_side_failure_is_recorded_as_nemo_gym_0_7_records_it(t
     assert result.exit_code == EXIT_FAILURES
     by_task = {r["_ng_task_index"]: r for r in failures(out)}
     assert set(by_task[1]) == {"_ng_failure_class", "_ng_failure_type", "_ng_failure_message",
-                               "_ng_failure_http_status", "_ng_failure_response_body", "_ng_task_index", "_ng_rollout_index", "agent_ref"}
+                               "_ng_failure_http_status", "_ng_failure_response_body", "_ng_task_index",
+                               "_ng_rollout_index", "agent_ref"}
     assert (by_task[1]["_ng_failure_class"], by_task[1]["_ng_failure_type"], by_task[1]["_ng_failure_http_status"],
             by_task[1]["_ng_failure_response_body"]) == ("agent_run_error", "ClientResponseError", 500, '"boom"')
     assert by_task[1]["_ng_failure_message"] == f"500, message='Internal Server Error', url='{server.url}/run'"

@@ -113,7 +113,8 @@ class RunOutputs:
         Fresh or overwrite: remove every file of the run (but the lock). Resume: cut torn last lines, mark each
         written pair in `done` (a pair written twice or outside the selection is counted in `duplicates` and
         left alone), hand every failure record to `on_prior_failure` (the failures file is history: it is only
-        appended to), and remove an aggregate-metrics file that no longer describes the output. Then write `manifest` atomically.
+        appended to), and remove an aggregate-metrics file that no longer describes the output. Then write
+        `manifest` atomically.
         """
         prior = PriorOutput()
         existing = self.existing()
