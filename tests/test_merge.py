@@ -250,7 +250,7 @@ def test_metrics_merge_counts_and_means_exactly(tmp_path: Path, caplog: pytest.L
     assert m["wall_time_s"] == 9.5 and m["rollouts_per_s"] == 16 / 9.5
     rewards = [r for rs, _, _ in specs for r in rs]
     assert m["fields"]["agent"]["reward"]["mean"] == sum(rewards) / 16  # dyadic: exact
-    assert math.isclose(m["fields"]["agent"]["reward"]["std"], statistics.pstdev(rewards), rel_tol=1e-12)
+    assert math.isclose(m["fields"]["agent"]["reward"]["std"], statistics.stdev(rewards), rel_tol=1e-12)
     assert m["fields"]["agent"]["tokens"]["count"] == 16
     whole = LatencyHistogram()
     for x in latencies:
