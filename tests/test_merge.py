@@ -243,7 +243,7 @@ def test_metrics_merge_counts_and_means_exactly(tmp_path: Path, caplog: pytest.L
     m = orjson.loads((tmp_path / "m_metrics.json").read_bytes())
     assert m["schema"] == "gym_collect.metrics/1"
     assert m["rollouts"] == {"expected": 19, "succeeded": 16, "failed": 3, "skipped_resume": 0,
-                             "not_persisted": 0, "interrupted": 0}
+                             "not_persisted": 0, "interrupted": 0, "masked": 0}
     assert (m["attempts"], m["retries"]) == (22, 3)
     assert m["by_agent"] == {"agent": {"succeeded": 16, "failed": 3}}
     assert m["failures_by_class"] == {"HTTP500": 2, "AgentTimeout": 1}
