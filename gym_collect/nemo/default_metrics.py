@@ -74,7 +74,8 @@ def default_aggregate_metrics(verify_responses: Iterable[Mapping[str, Any]]) -> 
 
     Memory: the output (one `rollout_infos` entry per scored rollout), one task's rows at a time, and each numeric
     field's values as 8-byte doubles in an `array('d')` per (rollout index, field), which the per-repeat and the
-    run-wide medians and quantiles need; `ng_perf` values, when rollouts carry them, in lists.
+    run-wide medians and quantiles need (at the end, one field's values at a time as a sorted list); `ng_perf`
+    values, when rollouts carry them, in lists.
 
     Raises:
         ValueError: a task's rows are not consecutive; two scored rows share (task, rollout index), or a scored
