@@ -26,9 +26,11 @@ RATE_WINDOW_S = 60.0
 class RunMetrics:
     """Everything counted during a run; `snapshot()` is the `<stem>_metrics.json` document.
 
-    Latency is per successful attempt, in seconds, from a monotonic clock. `fields` holds mean/min/max/std
-    of every numeric top-level field of the rollouts (such as `reward`) per agent, including rollouts
-    already in the output when resuming.
+    Latency is per successful attempt, in seconds, from a monotonic clock. `fields` holds count/mean/min/max
+    and sample std of each numeric field of the rollouts per agent, the fields NeMo Gym's `mean/<field>`
+    metrics average (`reward`, booleans as 0/1, the `response.usage` token counts; see `NumericFieldStats`),
+    including rollouts already in the output when resuming. Rollouts flagged `mask_sample` are left out of
+    `fields` and counted in `masked` (`rollouts.masked` in the document).
     """
 
     def __init__(self, expected: int, clock: Callable[[], float] = time.monotonic) -> None:
@@ -41,6 +43,7 @@ class RunMetrics:
         self.skipped_resume = 0
         self.not_persisted = 0
         self.interrupted = 0
+        self.masked = 0
         self.attempts = 0
         self.retries = 0
         self.latency = LatencyHistogram()
@@ -65,7 +68,8 @@ class RunMetrics:
         """Count one rollout written to the output."""
         self.succeeded += 1
         self.latency.record(latency_s)
-        self.fields.add_rollout(agent, rollout)
+        if not self.fields.add_rollout(agent, rollout):
+            self.masked += 1
         self._agent(agent)["succeeded"] += 1
 
     def add_prior(self, rollout: dict[str, Any]) -> None:
@@ -73,7 +77,8 @@ class RunMetrics:
         self.skipped_resume += 1
         ref = rollout.get("agent_ref")
         agent = ref.get("name") if isinstance(ref, dict) else None
-        self.fields.add_rollout(str(agent) if agent is not None else "unknown", rollout)
+        if not self.fields.add_rollout(str(agent) if agent is not None else "unknown", rollout):
+            self.masked += 1
 
     def add_failure(self, agent: str, error_class: str) -> None:
         """Count one rollout written to the failures file."""
@@ -113,6 +118,7 @@ class RunMetrics:
                 "skipped_resume": self.skipped_resume,
                 "not_persisted": self.not_persisted,
                 "interrupted": self.interrupted,
+                "masked": self.masked,
             },
             "attempts": self.attempts,
             "retries": self.retries,
@@ -140,6 +146,8 @@ class RunMetrics:
         for agent, by_field in snap["fields"].items():
             means = ", ".join(f"{name}={stats['mean']:.4g}" for name, stats in sorted(by_field.items()))
             lines.append(f"Means for {agent}: {means}")
+        if self.masked:
+            lines.append(f"Means exclude {self.masked} rollouts flagged mask_sample (they are in the output)")
         if self.failures_by_class:
             lines.append("Failures by class: " + ", ".join(f"{k}={v}" for k, v in self.failures_by_class.items()))
         return lines

@@ -12,7 +12,9 @@ from collections.abc import Mapping
 from fractions import Fraction
 from typing import Any
 
-__all__ = ["FieldStats", "LatencyHistogram", "NumericFieldStats"]
+__all__ = ["MASK_SAMPLE_KEY", "FieldStats", "LatencyHistogram", "NumericFieldStats"]
+
+MASK_SAMPLE_KEY = "mask_sample"  # NeMo Gym's flag for a rollout whose reward is not a measurement
 
 
 def _get(d: Mapping[str, object], key: str, what: str) -> object:
@@ -207,13 +209,15 @@ class LatencyHistogram:
 
 
 class FieldStats:
-    """Count, mean, min, max and population standard deviation of one numeric field.
+    """Count, mean, min, max and sample standard deviation of one numeric field, mergeable across shards.
 
     Per value: Welford's update (B. P. Welford, "Note on a method for calculating corrected sums of squares
     and products", Technometrics 1962; Knuth TAOCP vol. 2, 4.2.2). Across shards: the pairwise combination
     of Chan, Golub, LeVeque ("Updating formulae and a pairwise algorithm for computing sample variances",
-    1979). ``m2`` is the sum of squared deviations from the mean; ``std = sqrt(m2 / count)``.
-    While empty, ``mean``, ``min``, ``max`` and ``m2`` are 0.0 (JSON-safe).
+    1979). ``m2`` is the sum of squared deviations from the mean and is what is kept and merged; ``std`` is
+    derived from it as ``sqrt(m2 / (count - 1))``, the sample standard deviation (``ddof=1``, pandas' default
+    and what NeMo Gym's ``std/<field>`` metrics report), and 0.0 for fewer than two values (NeMo Gym reports
+    0 for a one-row group as well). While empty, ``mean``, ``min``, ``max`` and ``m2`` are 0.0 (JSON-safe).
     """
 
     __slots__ = ("count", "m2", "max", "mean", "min")
@@ -261,8 +265,8 @@ class FieldStats:
 
     @property
     def std(self) -> float:
-        """Population standard deviation; 0.0 when empty."""
-        return math.sqrt(self.m2 / self.count) if self.count else 0.0
+        """Sample standard deviation (``ddof=1``); 0.0 for fewer than two values."""
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 0.0
 
     def to_dict(self) -> dict[str, float]:
         """``{"count", "mean", "min", "max", "std", "m2"}``; ``std`` is derived, ``from_dict`` ignores it."""
@@ -287,11 +291,20 @@ class FieldStats:
 
 
 class NumericFieldStats:
-    """``FieldStats`` per agent name, per numeric top-level field of the rollouts.
+    """``FieldStats`` per agent name, per numeric field of the rollouts, chosen as NeMo Gym chooses the fields
+    its ``mean/<field>`` metrics average (``nemo_gym/reward_profile.py:405-422`` and ``856-891``, 0.7.0).
 
-    Numeric means ``int`` or ``float`` and not ``bool``; NaN, infinities and ints too large for a float are
-    skipped; keys starting with ``_ng_`` (``_ng_task_index``, ...) are ignored. Nested values are not
-    descended into. ``agents`` maps agent -> field -> ``FieldStats``.
+    - Rows with a truthy ``mask_sample`` are left out altogether (their reward is not a measurement);
+      ``add_rollout`` says so, and the caller counts them.
+    - Fields: the top-level keys, with the counts of ``response.usage`` merged over them under their own
+      names (``input_tokens``, ``output_tokens``, ``total_tokens``; a usage count wins over a top-level field
+      of the same name); nested objects, such as ``input_tokens_details``, are not descended into.
+    - Keys starting with ``_`` (``_ng_task_index``, ...) and the ``mask_sample`` flag itself are not fields.
+    - Values: ``int`` and ``float``, and ``bool`` as 0/1; NaN, infinities and ints too large for a float are
+      skipped.
+
+    ``agents`` maps agent -> field -> ``FieldStats``. Merging shards gives the statistics of one run over
+    all their rows (counts, min and max exactly; mean and ``m2`` up to float rounding).
     """
 
     __slots__ = ("agents",)
@@ -299,24 +312,33 @@ class NumericFieldStats:
     def __init__(self) -> None:
         self.agents: dict[str, dict[str, FieldStats]] = {}
 
-    def add_rollout(self, agent: str, rollout: Mapping[str, Any]) -> None:
-        """Add every numeric top-level field of one rollout under ``agent``."""
+    def add_rollout(self, agent: str, rollout: Mapping[str, Any]) -> bool:
+        """Add the numeric fields of one rollout under ``agent``; False, adding nothing, when it is masked."""
+        if rollout.get(MASK_SAMPLE_KEY):
+            return False
         fields = self.agents.get(agent)
         if fields is None:
             fields = self.agents[agent] = {}
-        for key, value in rollout.items():
-            if type(value) is bool or not isinstance(value, int | float) or key.startswith("_ng_"):
-                continue
-            try:
-                x = float(value)
-            except OverflowError:
-                continue
-            if not math.isfinite(x):
-                continue
-            stats = fields.get(key)
-            if stats is None:
-                stats = fields[key] = FieldStats()
-            stats.add(x)
+        response = rollout.get("response")
+        usage = response.get("usage") if isinstance(response, Mapping) else None
+        if not isinstance(usage, Mapping):
+            usage = {}
+        for source in (rollout, usage):
+            for key, value in source.items():
+                if (not isinstance(value, int | float) or key.startswith("_") or key == MASK_SAMPLE_KEY
+                        or (source is rollout and key in usage)):
+                    continue
+                try:
+                    x = float(value)
+                except OverflowError:
+                    continue
+                if not math.isfinite(x):
+                    continue
+                stats = fields.get(key)
+                if stats is None:
+                    stats = fields[key] = FieldStats()
+                stats.add(x)
+        return True
 
     def merge(self, other: NumericFieldStats) -> None:
         """Combine ``other`` into this one, field by field."""

@@ -243,14 +243,14 @@ def test_metrics_merge_counts_and_means_exactly(tmp_path: Path, caplog: pytest.L
     m = orjson.loads((tmp_path / "m_metrics.json").read_bytes())
     assert m["schema"] == "gym_collect.metrics/1"
     assert m["rollouts"] == {"expected": 19, "succeeded": 16, "failed": 3, "skipped_resume": 0,
-                             "not_persisted": 0, "interrupted": 0}
+                             "not_persisted": 0, "interrupted": 0, "masked": 0}
     assert (m["attempts"], m["retries"]) == (22, 3)
     assert m["by_agent"] == {"agent": {"succeeded": 16, "failed": 3}}
     assert m["failures_by_class"] == {"HTTP500": 2, "AgentTimeout": 1}
     assert m["wall_time_s"] == 9.5 and m["rollouts_per_s"] == 16 / 9.5
     rewards = [r for rs, _, _ in specs for r in rs]
     assert m["fields"]["agent"]["reward"]["mean"] == sum(rewards) / 16  # dyadic: exact
-    assert math.isclose(m["fields"]["agent"]["reward"]["std"], statistics.pstdev(rewards), rel_tol=1e-12)
+    assert math.isclose(m["fields"]["agent"]["reward"]["std"], statistics.stdev(rewards), rel_tol=1e-12)
     assert m["fields"]["agent"]["tokens"]["count"] == 16
     whole = LatencyHistogram()
     for x in latencies:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from typing import Any
 
 import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gym_collect.nemo.default_metrics import default_aggregate_metrics
 from gym_collect.stats import FieldStats, LatencyHistogram, NumericFieldStats
 
 durations = st.one_of(st.just(0.0), st.floats(min_value=1e-9, max_value=1e5), st.floats(min_value=0.0,
@@ -149,7 +151,7 @@ def test_field_stats_merge_equals_one_pass(xs: list[float], data: st.DataObject)
         exact_m2 = sum((Fraction(x) - exact_mean) ** 2 for x in xs)
         assert math.isclose(whole.mean, float(exact_mean), rel_tol=1e-9, abs_tol=1e-9 * scale)
         assert math.isclose(merged.m2, float(exact_m2), rel_tol=1e-9, abs_tol=1e-9 * len(xs) * scale * scale)
-        exact_std = math.sqrt(float(exact_m2) / len(xs))
+        exact_std = math.sqrt(float(exact_m2) / (len(xs) - 1)) if len(xs) > 1 else 0.0  # ddof=1
         assert math.isclose(merged.std, exact_std, rel_tol=1e-6, abs_tol=1e-6 * scale)
 
 
@@ -173,41 +175,85 @@ def test_field_stats_errors_and_edges() -> None:
     empty = FieldStats()
     assert empty.std == 0.0 and empty.to_dict()["count"] == 0
     empty.merge(field_stats([3.0]))
-    assert (empty.count, empty.mean, empty.min, empty.max) == (1, 3.0, 3.0, 3.0)
+    assert (empty.count, empty.mean, empty.min, empty.max, empty.std) == (1, 3.0, 3.0, 3.0, 0.0)
+    assert field_stats([1.0, 3.0]).std == math.sqrt(2.0)  # sample deviation: m2 = 2 over n - 1 = 1
 
 
-def test_numeric_field_stats_selects_numeric_top_level_fields() -> None:
+def test_numeric_field_stats_selects_nemo_gyms_fields() -> None:
     stats = NumericFieldStats()
-    stats.add_rollout("a", {"reward": 1.0, "tokens": 10, "terminated": True, "_ng_task_index": 3,
-                            "info": {"x": 1.0}, "name": "x", "nan": math.nan, "inf": math.inf,
-                            "huge": 10**400})
-    stats.add_rollout("a", {"reward": 0.0, "tokens": 20})
-    stats.add_rollout("b", {"reward": 0.5})
+    assert stats.add_rollout("a", {"reward": 1.0, "tokens": 10, "terminated": True, "_ng_task_index": 3,
+                                   "_private": 1, "info": {"x": 1.0}, "name": "x", "nan": math.nan,
+                                   "inf": math.inf, "huge": 10**400, "mask_sample": False, "total_tokens": 99,
+                                   "response": {"usage": {"input_tokens": 5, "output_tokens": 7, "total_tokens": 12,
+                                                          "input_tokens_details": {"cached_tokens": 2}}}})
+    assert stats.add_rollout("a", {"reward": 0.0, "tokens": 20, "terminated": False, "mask_sample": 0})
+    assert not stats.add_rollout("a", {"reward": 5.0, "tokens": 1000, "mask_sample": True})
+    assert not stats.add_rollout("c", {"reward": 5.0, "mask_sample": "yes"})
+    stats.add_rollout("b", {"reward": 0.5, "response": {"usage": None}})
     d = stats.to_dict()
-    assert set(d) == {"a", "b"}
-    assert set(d["a"]) == {"reward", "tokens"}
-    assert d["a"]["reward"]["mean"] == 0.5
+    assert set(d) == {"a", "b"}  # nothing under an agent whose every rollout is masked
+    assert set(d["a"]) == {"reward", "tokens", "terminated", "input_tokens", "output_tokens", "total_tokens"}
+    assert d["a"]["reward"]["mean"] == 0.5 and d["a"]["reward"]["std"] == math.sqrt(0.5)
     assert d["a"]["tokens"]["max"] == 20.0 and d["a"]["tokens"]["count"] == 2
-    assert d["b"]["reward"]["count"] == 1
+    assert d["a"]["terminated"]["mean"] == 0.5
+    assert d["a"]["total_tokens"]["mean"] == 12.0  # response.usage wins, as in NeMo Gym
+    assert d["b"]["reward"]["count"] == 1 and d["b"]["reward"]["std"] == 0.0
+
+
+rollouts = st.lists(st.tuples(
+    st.sampled_from(["a", "b"]), values, st.one_of(st.none(), st.booleans(), st.integers(-50, 50)),
+    st.one_of(st.none(), st.integers(0, 10**6)), st.sampled_from([None, False, True])), max_size=60)
+
+
+def rollout(reward: float, extra: int | bool | None, tokens: int | None, mask: bool | None) -> dict[str, Any]:
+    r: dict[str, Any] = {"reward": reward, "_ng_task_index": 0}
+    if extra is not None:
+        r["extra"] = extra
+    if tokens is not None:
+        r["response"] = {"usage": {"output_tokens": tokens}}
+    if mask is not None:
+        r["mask_sample"] = mask
+    return r
 
 
 @FAST
-@given(st.lists(st.tuples(st.sampled_from(["a", "b"]), values, values), max_size=60), st.data())
-def test_numeric_field_stats_merge_and_round_trip(rows: list[tuple[str, float, float]],
+@given(rollouts, st.data())
+def test_numeric_field_stats_merge_and_round_trip(rows: list[tuple[str, float, Any, Any, Any]],
                                                   data: st.DataObject) -> None:
     cut = data.draw(st.integers(0, len(rows)))
     left, right, whole = NumericFieldStats(), NumericFieldStats(), NumericFieldStats()
-    for i, (agent, r, t) in enumerate(rows):
-        (left if i < cut else right).add_rollout(agent, {"reward": r, "t": t})
-        whole.add_rollout(agent, {"reward": r, "t": t})
+    for i, (agent, *fields) in enumerate(rows):
+        (left if i < cut else right).add_rollout(agent, rollout(*fields))
+        whole.add_rollout(agent, rollout(*fields))
     left.merge(NumericFieldStats.from_dict(orjson.loads(orjson.dumps(right.to_dict()))))
     got, want = left.to_dict(), whole.to_dict()
     assert set(got) == set(want)
     for agent, fields in want.items():
+        assert set(got[agent]) == set(fields)
         for key, w in fields.items():
             g = got[agent][key]
             assert (g["count"], g["min"], g["max"]) == (w["count"], w["min"], w["max"])
             assert math.isclose(g["mean"], w["mean"], rel_tol=1e-9, abs_tol=1e-3)
+            assert math.isclose(g["std"], w["std"], rel_tol=1e-6, abs_tol=1e-3)
+
+
+@FAST
+@given(rollouts)
+def test_numeric_field_stats_agree_with_nemo_gyms_agent_metrics(rows: list[tuple[str, float, Any, Any, Any]]) -> None:
+    """The same fields, rows and statistics as NeMo Gym's agent-level `mean/`, `std/`, `min/`, `max/` metrics
+    (computed here by `default_aggregate_metrics`, itself checked against NeMo Gym in tests/nemo_gym)."""
+    stats = NumericFieldStats()
+    records = [{**rollout(*fields), "_ng_task_index": i} for i, (_, *fields) in enumerate(rows)]
+    for record in records:
+        stats.add_rollout("agent", record)
+    ours = stats.to_dict().get("agent", {})
+    theirs = default_aggregate_metrics(records)["agent_metrics"]
+    assert set(ours) == {key.removeprefix("mean/") for key in theirs if key.startswith("mean/")}
+    for name, s in ours.items():
+        assert math.isclose(s["mean"], theirs[f"mean/{name}"], rel_tol=1e-9, abs_tol=1e-6)
+        assert (s["min"], s["max"]) == (theirs[f"min/{name}"], theirs[f"max/{name}"])
+        if s["count"] > 1:
+            assert math.isclose(s["std"], theirs[f"std/{name}"], rel_tol=1e-6, abs_tol=1e-6)
 
 
 def test_numeric_field_stats_from_dict_rejects_malformed() -> None:
