@@ -300,3 +300,30 @@ def test_targets_from_routes() -> None:
         "math_env": AggregationTarget("http://e:1", "math_agent"),
         "old_agent": AggregationTarget("http://a:2", "old_agent", is_environment_server=False),
         UNNAMED_AGENT: AggregationTarget("http://u:3", None, is_environment_server=False)}
+
+
+@pytest.mark.parametrize("disable", [False, True])
+async def test_a_run_aggregates_its_rollouts_unless_disabled(disable: bool, tmp_path: Path) -> None:
+    from gym_collect.collect import collect
+    from tests.conftest import config, make_rows, write_rows
+    from tests.servers import echo_rollout
+
+    received: list[list[dict[str, Any]]] = []
+
+    async def metrics(request: web.Request) -> web.Response:
+        received.append((await request.json())["verify_responses"])
+        return web.json_response(ANSWER)
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    out = tmp_path / "out.jsonl"
+    with LoopbackServer({"POST /run": echo_rollout, "POST /aggregate_metrics": metrics}) as server:
+        result = await collect(config(inp, out, server.url, num_repeats=2, disable_aggregation=disable))
+    assert result.exit_code == 0
+    if disable:
+        assert received == [] and not OutputPaths(out).aggregate_metrics.exists()
+        return
+    (rows,) = received
+    assert [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows] == [(t, r) for t in range(3) for r in (0, 1)]
+    assert all("responses_create_params" not in r and "response" not in r for r in rows)
+    assert orjson.loads(OutputPaths(out).aggregate_metrics.read_bytes()) == [
+        {"agent_ref": {"name": "sim_agent"}, "_ng_environment_server": None, **ANSWER}]
