@@ -24,7 +24,9 @@ from typing import Any
 import aiohttp
 import orjson
 
+from gym_collect.errors import ConfigError
 from gym_collect.nemo.default_metrics import default_aggregate_metrics
+from gym_collect.nemo.head import AGENT_TYPE, ENVIRONMENT_TYPE, HeadDocument
 from gym_collect.nemo.metric_inputs import DEFAULT_SORT_BUFFER_BYTES, Grouper, GroupRows, MetricInputs, MetricSources
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, Route
 from gym_collect.redact import display_url
@@ -49,12 +51,13 @@ class AggregationTarget:
 
     `url`: the environment server's base URL, or the agent's where no environment server fronts it. `agent`:
     the agent the group is labelled by (None: the first agent among its rows). `is_environment_server`: the
-    group is an environment server (its name goes into the entry's `_ng_environment_server`).
+    group is an environment server (its name goes into the entry's `_ng_environment_server`); None: it is when
+    its rows carry it as their `_ng_environment_server`.
     """
 
     url: str
     agent: str | None = None
-    is_environment_server: bool = True
+    is_environment_server: bool | None = True
 
 
 def targets_from_routes(routes: Mapping[str, Route]) -> dict[str, AggregationTarget]:
@@ -67,6 +70,23 @@ def targets_from_routes(routes: Mapping[str, Route]) -> dict[str, AggregationTar
             targets.setdefault(route.environment_server, AggregationTarget(route.url, name))
         else:
             targets.setdefault(agent, AggregationTarget(route.url, name, is_environment_server=False))
+    return targets
+
+
+def targets_from_head(head: HeadDocument) -> dict[str, AggregationTarget]:
+    """A target for every environment server and agent of a head server's document that has a usable address;
+    environment servers are labelled by the agent they are attributed to (`HeadDocument.attributed_agent`)."""
+    targets: dict[str, AggregationTarget] = {}
+    for server_type in (ENVIRONMENT_TYPE, AGENT_TYPE):
+        for instance in head.of_type(server_type):
+            try:
+                url = head.address(instance.name)
+            except ConfigError:
+                continue  # a group served by it is computed locally, with a warning naming it
+            if server_type == ENVIRONMENT_TYPE:
+                targets[instance.name] = AggregationTarget(url, head.attributed_agent(instance.name))
+            else:
+                targets.setdefault(instance.name, AggregationTarget(url, instance.name, is_environment_server=False))
     return targets
 
 
@@ -189,7 +209,8 @@ async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, 
                        label: str, timeout_s: float | None, redact: Callable[[str], str]) -> dict[str, Any] | None:
     """The group's entry: the server's answer, else the local default (after one warning); None when even that
     fails (one error line)."""
-    environment_server = group.name if (target.is_environment_server if target else group.stamped) else None
+    known = target.is_environment_server if target is not None else None
+    environment_server = group.name if (group.stamped if known is None else known) else None
     if session is not None:
         if target is None:
             log.warning("No server is known for %s: its entry is %s", group.name, LOCAL_NOTE)
