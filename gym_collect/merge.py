@@ -31,6 +31,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
@@ -218,39 +219,38 @@ class MergeAggregation:
 
 async def _aggregate_union(check: ShardCheck, out: Path, how: MergeAggregation) -> None:
     """Aggregate the merged rows with every shard's failure records (all attempts: the latest stands) and
-    materialized inputs; problems are log lines, never exceptions (``aggregate_files``)."""
+    materialized inputs; problems are log lines, never exceptions (``aggregate_files``). An unreachable head
+    server leaves every group to the local default."""
     shards = [OutputPaths(s.path) for s in check.shards]
     sources = MetricSources((out,), tuple(s.failures for s in shards), tuple(s.materialized_inputs for s in shards))
     destination = OutputPaths(out).aggregate_metrics
-    resolve: Callable[[str], AggregationTarget | None] = _no_server
-    grouper = Grouper({}, UNNAMED_AGENT)
+    aggregate = partial(aggregate_files, sources=sources, destination=destination,
+                        count_failure_classes_as_zero=how.count_failure_classes_as_zero,
+                        count_missing_rollouts_as_zero=how.count_missing_rollouts_as_zero)
+    locally = partial(aggregate, None, resolve=_no_server, grouper=Grouper({}, UNNAMED_AGENT))
     if how.head_server_url is None and how.agent_url is None:
-        await aggregate_files(None, sources, destination, resolve, grouper=grouper,
-                              count_failure_classes_as_zero=how.count_failure_classes_as_zero,
-                              count_missing_rollouts_as_zero=how.count_missing_rollouts_as_zero)
+        await locally()
         return
     async with AgentClient(connector_limit=64, connector_limit_per_host=16, connect_timeout_s=how.connect_timeout_s,
                            request_timeout_s=how.timeout_s,
                            secrets=url_secrets([how.head_server_url, how.agent_url])) as client:
         if how.agent_url is not None:
             everything = AggregationTarget(how.agent_url, None, is_environment_server=None)
-
-            def resolve(group: str) -> AggregationTarget | None:
-                return everything
+            resolve: Callable[[str], AggregationTarget | None] = lambda group: everything  # noqa: E731
+            grouper = Grouper({}, UNNAMED_AGENT)
         else:
             assert how.head_server_url is not None
             try:
                 head = await fetch_head_document(client, how.head_server_url, how.connect_timeout_s)
             except GymCollectError as exc:
-                log.error("%s; %s not written", client.redact(str(exc)), destination)
+                log.warning("%s; every group is aggregated locally", client.redact(str(exc)))
+                await locally()
                 return
             resolve = targets_from_head(head).get
             grouper = Grouper({agent: servers[0] for agent, servers in head.environment_servers_by_agent.items()
                                if len(servers) == 1}, None)
-        await aggregate_files(client.session, sources, destination, resolve, grouper=grouper,
-                              count_failure_classes_as_zero=how.count_failure_classes_as_zero,
-                              count_missing_rollouts_as_zero=how.count_missing_rollouts_as_zero,
-                              timeout_s=how.timeout_s, redact=client.redact)
+        await aggregate(client.session, resolve=resolve, grouper=grouper, timeout_s=how.timeout_s,
+                        redact=client.redact)
 
 
 def _no_server(group: str) -> AggregationTarget | None:

@@ -494,3 +494,19 @@ def test_aggregation_options_are_checked(tmp_path: Path) -> None:
         with pytest.raises(SystemExit) as exit_info:
             main([str(a), "-o", str(tmp_path / "m.jsonl"), *bad])
         assert exit_info.value.code == 2
+
+
+def test_an_unreachable_head_server_leaves_every_group_to_the_local_default(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.servers import LoopbackServer
+
+    with LoopbackServer({}) as gone:
+        url = gone.url  # nothing listens there once the block ends
+    a = shard(tmp_path / "a.jsonl", pairs(range(4)))
+    merge_rollouts([a], tmp_path / "m.jsonl", num_repeats=2,
+                   aggregation=MergeAggregation(head_server_url=url, connect_timeout_s=0.2))
+    (entry,) = orjson.loads((tmp_path / "m_aggregate_metrics.json").read_bytes())
+    assert entry["key_metrics"] == {"mean/reward": 0.5}
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "head server" in
+                  r.getMessage()]
+    assert url in warning and "aggregated locally" in warning
