@@ -327,3 +327,12 @@ async def test_a_run_aggregates_its_rollouts_unless_disabled(disable: bool, tmp_
     assert all("responses_create_params" not in r and "response" not in r for r in rows)
     assert orjson.loads(OutputPaths(out).aggregate_metrics.read_bytes()) == [
         {"agent_ref": {"name": "sim_agent"}, "_ng_environment_server": None, **ANSWER}]
+
+
+def test_aggregate_timeout_must_be_positive_or_null(tmp_path: Path) -> None:
+    from gym_collect.config import CollectConfig
+    from gym_collect.errors import ConfigError
+
+    assert CollectConfig(aggregate_timeout_s=None).aggregate_timeout_s is None
+    with pytest.raises(ConfigError, match="aggregate_timeout_s"):
+        CollectConfig(aggregate_timeout_s=0)
