@@ -211,7 +211,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     await runner.run(requests)
                 finally:
                     shutdown.finishing()
-            if not (cfg.disable_aggregation or cfg.dry_run or shutdown.signal_name):
+            if not (cfg.disable_aggregation or cfg.dry_run or metrics.stopped_reason or shutdown.signal_name):
                 await aggregate_run(client.session, paths, targets_from_routes(routes),
                                     count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,
                                     count_missing_rollouts_as_zero=cfg.count_missing_rollouts_as_zero,
