@@ -336,3 +336,26 @@ def test_aggregate_timeout_must_be_positive_or_null(tmp_path: Path) -> None:
     assert CollectConfig(aggregate_timeout_s=None).aggregate_timeout_s is None
     with pytest.raises(ConfigError, match="aggregate_timeout_s"):
         CollectConfig(aggregate_timeout_s=0)
+
+
+async def test_a_run_stopped_by_its_failure_budget_is_not_aggregated(tmp_path: Path) -> None:
+    from gym_collect.collect import collect
+    from tests.conftest import config, make_rows, write_rows
+
+    async def failing(request: web.Request) -> web.Response:
+        body = await request.json()
+        if body["_ng_task_index"] == 0:  # one rollout in the output: there would be something to aggregate
+            return web.json_response({**body, "reward": 1.0})
+        return web.Response(status=400, text="bad request")
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.json_response(ANSWER)
+
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    out = tmp_path / "out.jsonl"
+    with LoopbackServer({"POST /run": failing, "POST /aggregate_metrics": metrics}) as server:
+        result = await collect(config(inp, out, server.url, max_failures=1, num_samples_in_parallel=1))
+        assert result.exit_code == 4 and result.metrics is not None
+        assert result.metrics["rollouts"]["in_output"] == 1
+        assert "POST /aggregate_metrics" not in server.requests
+    assert not OutputPaths(out).aggregate_metrics.exists()
