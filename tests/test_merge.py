@@ -506,7 +506,7 @@ def test_an_unreachable_head_server_leaves_every_group_to_the_local_default(
     merge_rollouts([a], tmp_path / "m.jsonl", num_repeats=2,
                    aggregation=MergeAggregation(head_server_url=url, connect_timeout_s=0.2))
     (entry,) = orjson.loads((tmp_path / "m_aggregate_metrics.json").read_bytes())
-    assert entry["key_metrics"] == {"mean/reward": 0.5}
+    assert entry["key_metrics"]["mean/reward"] == 0.5
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "head server" in
                   r.getMessage()]
     assert url in warning and "aggregated locally" in warning
