@@ -211,6 +211,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     await runner.run(requests)
                 finally:
                     shutdown.finishing()
+            metrics.stop_clock()
             if not (cfg.disable_aggregation or cfg.dry_run or metrics.stopped_reason or shutdown.signal_name):
                 await aggregate_run(client.session, paths, targets_from_routes(routes),
                                     count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,

@@ -359,3 +359,16 @@ async def test_a_run_stopped_by_its_failure_budget_is_not_aggregated(tmp_path: P
         assert result.metrics["rollouts"]["in_output"] == 1
         assert "POST /aggregate_metrics" not in server.requests
     assert not OutputPaths(out).aggregate_metrics.exists()
+
+
+def test_the_runs_clock_stops_before_aggregation() -> None:
+    from gym_collect.metrics import RunMetrics
+
+    now = [100.0]
+    metrics = RunMetrics(4, clock=lambda: now[0])
+    metrics.note_request()
+    now[0] = 102.0
+    metrics.stop_clock()
+    now[0] = 160.0  # a minute of aggregation
+    snapshot = metrics.snapshot()
+    assert (snapshot["wall_time_s"], snapshot["active_s"]) == (2.0, 2.0)
