@@ -29,6 +29,7 @@ from gym_collect.deadline import ADAPTIVE_MARGIN_PERCENTILE, DispatchDeadline
 from gym_collect.deadline import REASON as DISPATCH_BUDGET
 from gym_collect.errors import GymCollectError, InputError
 from gym_collect.metrics import Progress, RunMetrics
+from gym_collect.nemo.aggregation import aggregate_run, targets_from_routes
 from gym_collect.nemo.failures import PriorAttempts, max_rollout_attempts
 from gym_collect.nemo.head import HeadDocument, fetch_head_document
 from gym_collect.nemo.keys import notices
@@ -219,6 +220,12 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     await runner.run(requests)
                 finally:
                     shutdown.finishing()
+            metrics.stop_clock()
+            if not (cfg.disable_aggregation or cfg.dry_run or metrics.stopped_reason or shutdown.signal_name):
+                await aggregate_run(client.session, paths, targets_from_routes(routes),
+                                    count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,
+                                    count_missing_rollouts_as_zero=cfg.count_missing_rollouts_as_zero,
+                                    timeout_s=cfg.aggregate_timeout_s, redact=client.redact)
         change = rows.check_unchanged()
         in_output = skipped[0] + writer.written
         document = metrics.snapshot(limits.history_since(metrics.started))

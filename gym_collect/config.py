@@ -185,7 +185,7 @@ class CollectConfig(NemoGymOnlyKeys):
             _require(value >= 0, name, value, "an integer >= 0 (0: as many as the open-file limit allows)")
             if value == 0:
                 setattr(self, name, UNLIMITED_CONNECTIONS)
-        for name in ("connect_timeout_s", "request_timeout_s"):
+        for name in ("connect_timeout_s", "request_timeout_s", "aggregate_timeout_s"):
             value = getattr(self, name)
             _require(value is None or value > 0, name, value, "seconds > 0 (or null to disable)")
         _require(self.max_attempts >= 1, "max_attempts", self.max_attempts, "an integer >= 1")

@@ -8,6 +8,11 @@ The check lives in ``gym_collect.shards``; this module reads the shards' run man
 schema ``gym_collect.run/1``, written by ``collect_rollouts``), merges their ``<stem>_metrics.json`` documents
 and writes the merged files. Rows are never held in memory.
 
+Then the union is aggregated (``MergeAggregation``): metrics such as pass@k do not decompose over shards, so
+each group's rows from every shard go to its server's ``/aggregate_metrics`` together, or are aggregated
+locally with NeMo Gym's default when no server is given or one cannot answer (``gym_collect.nemo.aggregation``;
+NeMo Gym 0.7's ``gym eval aggregate``, ``nemo_gym/rollout_collection.py:3690-3760``).
+
 Shards merge only when their run manifests agree (``gym_collect.manifests``); ``num_repeats`` and the
 expected tasks come from the manifests unless given.
 
@@ -20,25 +25,35 @@ returns the error's ``exit_code``, 2, as ``collect_rollouts`` does for input and
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 import orjson
 
-from gym_collect.errors import GymCollectError, OutputError
+from gym_collect.client import AgentClient
+from gym_collect.config import check_url
+from gym_collect.errors import ConfigError, GymCollectError, OutputError
 from gym_collect.manifests import MergeMismatch, ShardPlan, plan_from_manifests
 from gym_collect.metrics import METRICS_SCHEMA
+from gym_collect.nemo.aggregation import AggregationTarget, aggregate_files, targets_from_head
+from gym_collect.nemo.head import fetch_head_document
+from gym_collect.nemo.metric_inputs import Grouper, MetricSources
+from gym_collect.nemo.routing import UNNAMED_AGENT
 from gym_collect.reader import count_rows
+from gym_collect.redact import url_secrets
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
 from gym_collect.writer import OutputPaths
 
-__all__ = ["MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts", "plan_from_manifests"]
+__all__ = ["MergeAggregation", "MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts",
+           "plan_from_manifests"]
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +198,65 @@ def _load_metrics(check: ShardCheck) -> dict[str, object]:
     return (acc or _Metrics.empty()).to_dict([str(s.path) for s in check.shards], missing)
 
 
+@dataclass(frozen=True)
+class MergeAggregation:
+    """How ``merge_rollouts`` aggregates the union of the shards.
+
+    ``head_server_url``: each group goes to the environment server (or agent) of that name in the head
+    server's document; ``agent_url``: every group goes to this one server; neither: every group is aggregated
+    locally. ``count_failure_classes_as_zero``, ``count_missing_rollouts_as_zero``: as ``collect_rollouts``'s
+    keys, over every shard's failure records and materialized inputs. ``timeout_s``: per group's request (None:
+    no limit); ``connect_timeout_s``: to reach the head server.
+    """
+
+    head_server_url: str | None = None
+    agent_url: str | None = None
+    count_failure_classes_as_zero: tuple[str, ...] = ()
+    count_missing_rollouts_as_zero: bool = False
+    timeout_s: float | None = 600.0
+    connect_timeout_s: float = 10.0
+
+
+async def _aggregate_union(check: ShardCheck, out: Path, how: MergeAggregation) -> None:
+    """Aggregate the merged rows with every shard's failure records (all attempts: the latest stands) and
+    materialized inputs; problems are log lines, never exceptions (``aggregate_files``). An unreachable head
+    server leaves every group to the local default."""
+    shards = [OutputPaths(s.path) for s in check.shards]
+    sources = MetricSources((out,), tuple(s.failures for s in shards), tuple(s.materialized_inputs for s in shards))
+    destination = OutputPaths(out).aggregate_metrics
+    aggregate = partial(aggregate_files, sources=sources, destination=destination,
+                        count_failure_classes_as_zero=how.count_failure_classes_as_zero,
+                        count_missing_rollouts_as_zero=how.count_missing_rollouts_as_zero)
+    locally = partial(aggregate, None, resolve=_no_server, grouper=Grouper({}, UNNAMED_AGENT))
+    if how.head_server_url is None and how.agent_url is None:
+        await locally()
+        return
+    async with AgentClient(connector_limit=64, connector_limit_per_host=16, connect_timeout_s=how.connect_timeout_s,
+                           request_timeout_s=how.timeout_s,
+                           secrets=url_secrets([how.head_server_url, how.agent_url])) as client:
+        if how.agent_url is not None:
+            everything = AggregationTarget(how.agent_url, None, is_environment_server=None)
+            resolve: Callable[[str], AggregationTarget | None] = lambda group: everything  # noqa: E731
+            grouper = Grouper({}, UNNAMED_AGENT)
+        else:
+            assert how.head_server_url is not None
+            try:
+                head = await fetch_head_document(client, how.head_server_url, how.connect_timeout_s)
+            except GymCollectError as exc:
+                log.warning("%s; every group is aggregated locally", client.redact(str(exc)))
+                await locally()
+                return
+            resolve = targets_from_head(head).get
+            grouper = Grouper({agent: servers[0] for agent, servers in head.environment_servers_by_agent.items()
+                               if len(servers) == 1}, None)
+        await aggregate(client.session, resolve=resolve, grouper=grouper, timeout_s=how.timeout_s,
+                        redact=client.redact)
+
+
+def _no_server(group: str) -> AggregationTarget | None:
+    return None
+
+
 def _write_temp(final: Path, fill: Callable[[BinaryIO], object]) -> Path:
     """Write ``final``'s content to a temp file beside it (same file system, for ``os.replace``)."""
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
@@ -205,21 +279,27 @@ def _copy(lines: Iterable[bytes], dst: BinaryIO) -> None:
 
 def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                    expected_tasks: range | None = None, num_repeats: int | None = None,
-                   strict: bool = False, use_manifests: bool = True) -> ShardCheck:
+                   strict: bool = False, use_manifests: bool = True,
+                   aggregation: MergeAggregation | None = MergeAggregation()) -> ShardCheck:
     """Check the shards' manifests (``plan_from_manifests``, unless ``use_manifests`` is false) and coverage
     (``check_shards``), then write ``output``, ``<output stem>_failures.jsonl`` (only if any failure counts;
-    a stale one is removed) and ``<output stem>_metrics.json``.
+    a stale one is removed), ``<output stem>_materialized_inputs.jsonl`` (the shards' concatenated, only if
+    a shard has one; a stale one is removed) and ``<output stem>_metrics.json``; then, unless ``aggregation``
+    is None, aggregate the union into ``<output stem>_aggregate_metrics.json`` (a stale one is removed first).
 
     ``num_repeats`` and ``expected_tasks`` default to the manifests' (1 and the tasks seen without
     manifests); given values that contradict the manifests are refused. Each file is written to a temp file
     in its folder and moved into place with ``os.replace``; the rows file last. Raises MergeMismatch if the
     manifests disagree, MergeRefused if the check fails; OutputError if an output path is one of the inputs
     or cannot be written (temp files are removed); InputError if a shard cannot be read or changes meanwhile.
-    Nothing is written on any error. Returns the check.
+    Nothing is written on any error. Aggregation problems are log lines: they never fail the merge. Returns
+    the check.
     """
     out = Path(output)
-    targets = (out, OutputPaths(out).failures, OutputPaths(out).metrics)
-    inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths)) for q in (s.output, s.failures, s.metrics)}
+    merged = OutputPaths(out)
+    targets = (out, merged.failures, merged.metrics, merged.materialized_inputs, merged.aggregate_metrics)
+    inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths))
+              for q in (s.output, s.failures, s.metrics, s.materialized_inputs)}
     for target in targets:
         if target.resolve() in inputs:
             raise OutputError(f"output {target} would overwrite an input file: choose another --output")
@@ -237,24 +317,43 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
         raise MergeRefused(check)
     metrics = _load_metrics(check)
     blob = orjson.dumps(metrics, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+    materialized = [p for s in check.shards if (p := OutputPaths(s.path).materialized_inputs).is_file()]
+    if materialized and len(materialized) < len(check.shards):
+        log.warning("%d of %d shards have no %s file: %s lacks their rollouts", len(check.shards) - len(materialized),
+                    len(check.shards), "_materialized_inputs.jsonl", merged.materialized_inputs)
     temps: list[tuple[Path, Path]] = []
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        temps.append((_write_temp(targets[0], lambda f: _copy(check.row_lines(), f)), targets[0]))
+        temps.append((_write_temp(out, lambda f: _copy(check.row_lines(), f)), out))
         if check.failed:
-            temps.append((_write_temp(targets[1], lambda f: _copy(check.failure_lines(), f)), targets[1]))
-        temps.append((_write_temp(targets[2], lambda f: f.write(blob)), targets[2]))
+            temps.append((_write_temp(merged.failures, lambda f: _copy(check.failure_lines(), f)), merged.failures))
+        if materialized:
+            temps.append((_write_temp(merged.materialized_inputs, lambda f: _copy(_nonblank(materialized), f)),
+                          merged.materialized_inputs))
+        temps.append((_write_temp(merged.metrics, lambda f: f.write(blob)), merged.metrics))
         for tmp, final in reversed(temps):  # the rows file last: once it is there, so is the rest
             os.replace(tmp, final)
-        if not check.failed and targets[1].exists():
-            log.info("removing %s, left by an earlier merge: no rollout failed this time", targets[1])
-            targets[1].unlink()
+        written = {final for _, final in temps}
+        for stale, why in ((merged.failures, "no rollout failed this time"),
+                           (merged.materialized_inputs, "no shard has materialized inputs"),
+                           (merged.aggregate_metrics, "it describes other rows")):
+            if stale not in written and stale.exists():
+                log.info("removing %s, left by an earlier merge: %s", stale, why)
+                stale.unlink()
     except OSError as exc:
         raise OutputError(f"cannot write {out} ({exc}); nothing merged") from exc
     finally:
         for tmp, _ in temps:
             tmp.unlink(missing_ok=True)
+    if aggregation is not None:
+        asyncio.run(_aggregate_union(check, out, aggregation))
     return check
+
+
+def _nonblank(paths: Iterable[Path]) -> Iterator[bytes]:
+    for path in paths:
+        with path.open("rb") as f:
+            yield from (line for line in f if line.strip())
 
 
 def _span(tasks: range) -> str:
@@ -282,6 +381,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="refuse if any rollout failed (default: failures count as accounted for)")
     p.add_argument("--ignore-manifests", action="store_true",
                    help="do not read the shards' run manifests (shards from an older collector)")
+    a = p.add_argument_group(
+        "aggregate metrics", "The union is aggregated into <output stem>_aggregate_metrics.json, by each group's "
+        "server (POST /aggregate_metrics) or, without one, locally with NeMo Gym's default aggregation.")
+    where = a.add_mutually_exclusive_group()
+    where.add_argument("--head-server-url", metavar="URL",
+                       help="NeMo Gym head server whose document gives each environment server's address")
+    where.add_argument("--agent-url", metavar="URL", help="send every group to this one server")
+    where.add_argument("--no-aggregation", action="store_true", help="write no aggregate metrics")
+    a.add_argument("--count-failure-classes-as-zero", action="append", default=[], metavar="CLASS",
+                   help="count the rollouts whose latest failure record has this _ng_failure_class as reward 0 "
+                        "(repeat for several classes)")
+    a.add_argument("--count-missing-rollouts-as-zero", action="store_true",
+                   help="count materialized rollouts with neither a row nor a failure record as reward 0")
+    a.add_argument("--aggregate-timeout-s", type=float, default=600.0, metavar="S",
+                   help="seconds each server has to answer (default 600; 0: no limit)")
     return p
 
 
@@ -295,6 +409,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--num-tasks must be >= 0")
     if args.start_idx is not None and (args.start_idx < 0 or (args.input is None and args.num_tasks is None)):
         parser.error("--start-idx must be >= 0 and needs --input or --num-tasks")
+    if args.aggregate_timeout_s < 0:
+        parser.error("--aggregate-timeout-s must be >= 0")
+    try:
+        check_url("--head-server-url", args.head_server_url)
+        check_url("--agent-url", args.agent_url)
+    except ConfigError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="merge_rollouts: %(levelname)s: %(message)s")
     start = args.start_idx or 0
     try:
@@ -303,8 +424,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             expected = range(start, start + count_rows(args.input))
         elif args.num_tasks is not None:
             expected = range(start, start + args.num_tasks)
+        aggregation = None if args.no_aggregation else MergeAggregation(
+            head_server_url=args.head_server_url, agent_url=args.agent_url,
+            count_failure_classes_as_zero=tuple(args.count_failure_classes_as_zero),
+            count_missing_rollouts_as_zero=args.count_missing_rollouts_as_zero,
+            timeout_s=args.aggregate_timeout_s or None)
         check = merge_rollouts(args.shards, args.output, expected_tasks=expected, num_repeats=args.num_repeats,
-                               strict=args.strict, use_manifests=not args.ignore_manifests)
+                               strict=args.strict, use_manifests=not args.ignore_manifests, aggregation=aggregation)
     except GymCollectError as exc:
         print(f"merge_rollouts: {exc}", file=sys.stderr)
         return exc.exit_code

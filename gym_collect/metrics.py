@@ -59,6 +59,12 @@ class RunMetrics:
         """Rollouts finished in this invocation, whatever the outcome."""
         return self.succeeded + self.failed + self.not_persisted
 
+    def stop_clock(self) -> None:
+        """Freeze every duration (wall time, active time, rates) at now: what follows the run, such as its
+        aggregation, is not collection time."""
+        now = self.clock()
+        self.clock = lambda: now
+
     @property
     def elapsed_s(self) -> float:
         """Seconds since the run started (monotonic)."""

@@ -1,6 +1,7 @@
 """Simulated NeMo Gym agent server modelling a GPU inference backend, for demos, tests and benchmarks.
 
 Serves ``POST /run`` (answers a NeMo Gym verify response: the row echoed plus ``response`` and ``reward``),
+``POST /aggregate_metrics`` (NeMo Gym's default aggregation, as a server without metrics of its own answers),
 ``GET /global_config_dict_yaml`` (the head server's config document) and ``GET /health``.
 
 Per request, in this order: parse the body (not a JSON object: 400); ``fail_status``; ``fail_first_k``;
@@ -33,6 +34,7 @@ import orjson
 import yaml
 from aiohttp import web
 
+from gym_collect.nemo.default_metrics import default_aggregate_metrics
 from gym_collect.sim_faults import Fault, FifoSlots, SharedProcessor, draw_fault, retry_after_value
 
 SIM_HEAD_SECRET = "sk-sim-SECRET-do-not-leak"
@@ -219,6 +221,7 @@ class SimAgent:
     async def __aenter__(self) -> "SimAgent":
         app = web.Application(client_max_size=256 * 1024**2)
         app.router.add_post("/run", self._handle_run)
+        app.router.add_post("/aggregate_metrics", self._handle_aggregate_metrics)
         app.router.add_get("/health", self._handle_health)
         if self._head_server:
             app.router.add_get("/global_config_dict_yaml", self._handle_head)
@@ -359,6 +362,11 @@ class SimAgent:
         body = _answer(row, key, len(raw), cfg.response_pad_bytes, tokens)
         stats.statuses[200] += 1
         stats.succeeded[key] += 1
+        return web.Response(body=body, content_type="application/json")
+
+    async def _handle_aggregate_metrics(self, request: web.Request) -> web.Response:
+        rows = orjson.loads(await request.read()).get("verify_responses", [])
+        body = orjson.dumps(default_aggregate_metrics(rows))
         return web.Response(body=body, content_type="application/json")
 
     async def _handle_health(self, request: web.Request) -> web.Response:

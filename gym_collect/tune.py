@@ -125,7 +125,7 @@ async def _run_step(cfg: CollectConfig, output: Path, level: int, start: int, ro
     end = start + rows if cfg.end_idx is None else min(cfg.end_idx, start + rows)
     step_cfg = dataclasses.replace(cfg, output_jsonl_fpath=str(output), num_samples_in_parallel=level,
                                    start_idx=start, end_idx=end, limit=None, resume=False, resume_from_cache=False,
-                                   overwrite=True)
+                                   overwrite=True, disable_aggregation=True)
     result = await collect(step_cfg)
     metrics: dict[str, Any] = result.metrics or {}
     counts = metrics.get("rollouts", {})

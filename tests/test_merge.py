@@ -16,14 +16,16 @@ from typing import Any
 
 import orjson
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, OutputError
-from gym_collect.merge import MergeMismatch, main, merge_metrics, merge_rollouts
+from gym_collect.merge import MergeAggregation, MergeMismatch, main, merge_metrics, merge_rollouts
 from gym_collect.metrics import RunMetrics
 from gym_collect.shards import MergeRefused, check_shards
 from gym_collect.stats import LatencyHistogram
+from gym_collect.writer import OutputPaths
 
 Pair = tuple[int, int]
 
@@ -80,7 +82,8 @@ def test_good_shards_merge_in_task_order(three: list[Path], tmp_path: Path) -> N
     assert not (tmp_path / "merged" / "all_failures.jsonl").exists()
     metrics = orjson.loads((tmp_path / "merged" / "all_metrics.json").read_bytes())
     assert metrics["metrics_missing"] == [str(p) for p in sorted(three)]  # no shard wrote metrics here
-    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == ["all.jsonl", "all_metrics.json"]
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "all.jsonl", "all_aggregate_metrics.json", "all_metrics.json"]
 
 
 def test_inferred_range_and_blank_lines(tmp_path: Path) -> None:
@@ -373,3 +376,137 @@ def test_explicit_repeats_contradicting_the_manifests_are_refused(tmp_path: Path
     a = shard(tmp_path / "a.jsonl", pairs(range(0, 5), 2))
     manifest(a, 0, 5)
     assert main(["-o", str(tmp_path / "m.jsonl"), "--num-repeats", "3", str(a)]) == 2
+
+
+# The union's aggregate metrics ------------------------------------------------------------------------------
+
+AGG_ANSWER = {"agent_metrics": {"pass@2": 0.75}, "key_metrics": {"pass@2": 0.75}, "group_level_metrics": [],
+              "repeat_level_metrics": []}
+
+
+def env_shard(path: Path, pairs_: Iterable[Pair], failed: Iterable[Pair] = (), materialized: Iterable[Pair] = ()
+              ) -> Path:
+    """A shard of a 0.7-routed run: rows stamped with their environment server, 0.7 failure records and
+    materialized inputs beside them."""
+    stamps = {"_ng_environment_server": "math_env", "response": {"output": ["..."], "usage": {"total_tokens": 3}}}
+    write_jsonl(path, (row(t, r, **stamps) for t, r in pairs_))
+    paths_ = OutputPaths(path)
+    write_jsonl(paths_.failures, ({"_ng_failure_class": "agent_run_error", "_ng_failure_http_status": 500,
+                                   "_ng_task_index": t, "_ng_rollout_index": r, "agent_ref": {"name": "agent"},
+                                   "_ng_environment_server": "math_env"} for t, r in failed))
+    write_jsonl(paths_.materialized_inputs, ({"q": t, "agent_ref": {"name": "agent"}, "_ng_task_index": t,
+                                              "_ng_rollout_index": r} for t, r in materialized))
+    return path
+
+
+class AggregateServer:
+    """A loopback head server whose document names one environment server, `math_env`, at its own address,
+    which answers `POST /aggregate_metrics` with `AGG_ANSWER` and keeps what it received."""
+
+    def __init__(self) -> None:
+        from aiohttp import web
+
+        from tests.servers import LoopbackServer
+
+        self.received: list[list[dict[str, Any]]] = []
+
+        async def head(request: web.Request) -> web.Response:
+            port = int(self.server.url.rsplit(":", 1)[1])
+            doc = {"math_env": {"environment_servers": {"legacy_agent": {
+                       "host": "127.0.0.1", "port": port, "agent_server": {"type": "responses_api_agents",
+                                                                           "name": "agent"}}}},
+                   "agent": {"responses_api_agents": {"simple_agent": {"host": "127.0.0.1", "port": port}}}}
+            return web.json_response(yaml.safe_dump(doc))
+
+        async def metrics(request: web.Request) -> web.Response:
+            self.received.append((await request.json())["verify_responses"])
+            return web.json_response(AGG_ANSWER)
+
+        self.server = LoopbackServer({"GET /global_config_dict_yaml": head, "POST /aggregate_metrics": metrics})
+
+    def __enter__(self) -> AggregateServer:
+        self.server.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.__exit__(*exc)
+
+
+def test_the_union_goes_to_each_groups_server_named_by_the_head_server(tmp_path: Path) -> None:
+    a = env_shard(tmp_path / "a.jsonl", pairs(range(0, 3))[::-1])
+    b = env_shard(tmp_path / "b.jsonl", pairs(range(3, 5)))
+    out = tmp_path / "m.jsonl"
+    with AggregateServer() as server:
+        merge_rollouts([b, a], out, num_repeats=2, aggregation=MergeAggregation(head_server_url=server.server.url))
+    (rows,) = server.received  # one request, with the rows of both shards, in (task, rollout) order
+    assert [(r["_ng_task_index"], r["_ng_rollout_index"]) for r in rows] == pairs(range(5))
+    assert all(r["response"] == {"usage": {"total_tokens": 3}} for r in rows)
+    assert orjson.loads(OutputPaths(out).aggregate_metrics.read_bytes()) == [
+        {"agent_ref": {"name": "agent"}, "_ng_environment_server": "math_env", **AGG_ANSWER}]
+
+
+def test_the_union_is_aggregated_locally_without_a_server(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    a = shard(tmp_path / "a.jsonl", pairs(range(0, 10)))
+    b = shard(tmp_path / "b.jsonl", pairs(range(10, 15)))
+    merge_rollouts([a, b], tmp_path / "m.jsonl", num_repeats=2)
+    (entry,) = orjson.loads((tmp_path / "m_aggregate_metrics.json").read_bytes())
+    assert entry["agent_ref"] == {"name": "agent"} and entry["_ng_environment_server"] is None
+    assert entry["key_metrics"]["mean/reward"] == statistics.mean(row(t, r)["reward"] for t, r in pairs(range(15)))
+    assert set(entry) >= {"agent_metrics", "group_level_metrics", "repeat_level_metrics"}
+    assert sum("computed locally" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_cli_counts_failures_and_missing_rollouts_over_all_shards(tmp_path: Path) -> None:
+    # Task 5 was materialized by shard b but is in no file: with the option it counts as a zero.
+    a = env_shard(tmp_path / "a.jsonl", [p for p in pairs(range(3)) if p != (1, 1)], failed=[(1, 1)],
+                  materialized=pairs(range(3)))
+    b = env_shard(tmp_path / "b.jsonl", pairs(range(3, 5)), materialized=pairs(range(3, 6)))
+    out = tmp_path / "m.jsonl"
+    with AggregateServer() as server:
+        code = main([str(a), str(b), "-o", str(out), "--num-repeats", "2", "--agent-url", server.server.url,
+                     "--count-failure-classes-as-zero", "agent_run_error", "--count-missing-rollouts-as-zero"])
+    assert code == 0
+    (rows,) = server.received
+    assert [(r["_ng_task_index"], r["_ng_rollout_index"], r["reward"]) for r in rows] == [
+        (t, r, 0.0 if (t, r) in {(1, 1), (5, 0), (5, 1)} else row(t, r)["reward"]) for t, r in pairs(range(6))]
+    assert {k: v for k, v in rows[3].items() if k != "reward"} == {
+        "_ng_task_index": 1, "_ng_rollout_index": 1, "agent_ref": {"name": "agent"},
+        "_ng_environment_server": "math_env", "mask_sample": False}
+    assert ids(OutputPaths(out).materialized_inputs) == pairs(range(6))  # the shards' files, concatenated
+    (entry,) = orjson.loads(OutputPaths(out).aggregate_metrics.read_bytes())
+    assert entry["_ng_environment_server"] == "math_env" and entry["key_metrics"] == AGG_ANSWER["key_metrics"]
+
+
+def test_no_aggregation_writes_none_and_removes_a_stale_file(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4)))
+    out = tmp_path / "m.jsonl"
+    for stale in (OutputPaths(out).aggregate_metrics, OutputPaths(out).materialized_inputs):
+        stale.write_text("[]")
+    assert main([str(a), "-o", str(out), "--num-repeats", "2", "--no-aggregation"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("m")) == ["m.jsonl", "m_metrics.json"]
+
+
+def test_aggregation_options_are_checked(tmp_path: Path) -> None:
+    a = shard(tmp_path / "a.jsonl", pairs(range(4)))
+    for bad in (["--agent-url", "localhost:1"], ["--aggregate-timeout-s", "-1"],
+                ["--agent-url", "http://h:1", "--no-aggregation"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a), "-o", str(tmp_path / "m.jsonl"), *bad])
+        assert exit_info.value.code == 2
+
+
+def test_an_unreachable_head_server_leaves_every_group_to_the_local_default(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.servers import LoopbackServer
+
+    with LoopbackServer({}) as gone:
+        url = gone.url  # nothing listens there once the block ends
+    a = shard(tmp_path / "a.jsonl", pairs(range(4)))
+    merge_rollouts([a], tmp_path / "m.jsonl", num_repeats=2,
+                   aggregation=MergeAggregation(head_server_url=url, connect_timeout_s=0.2))
+    (entry,) = orjson.loads((tmp_path / "m_aggregate_metrics.json").read_bytes())
+    assert entry["key_metrics"]["mean/reward"] == 0.5
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "head server" in
+                  r.getMessage()]
+    assert url in warning and "aggregated locally" in warning

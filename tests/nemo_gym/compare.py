@@ -10,7 +10,7 @@ differs, with field names and example values. Checks:
 - `routing`: the same server instances received `POST /run`, as often.
 - `materialized_inputs`: `<stem>_materialized_inputs.jsonl` equal line for line (parsed JSON, in file order).
 - `aggregate_metrics`: the same server instances received `POST /aggregate_metrics`, and
-  `<stem>_aggregate_metrics.json` is equal value for value (`TIMING_KEYS` aside).
+  `<stem>_aggregate_metrics.json` is equal value for value (`TIMING_KEYS` aside), entries in any order.
 - `failures`: `<stem>_failures.jsonl` present on both sides or neither (0.7 leaves an empty one when nothing failed);
   the same failure records per (task, rollout): keys, `_ng_failure_class`, `_ng_failure_terminal`.
 
@@ -201,10 +201,18 @@ def check_aggregate_metrics(nemo: CollectorRun, tool: CollectorRun) -> list[str]
                         f"by the tool: {path_b.exists()}"]
     if not path_a.exists():
         return diffs
-    a = _without_timing(json.loads(path_a.read_text()))
-    b = _without_timing(json.loads(path_b.read_text()))
+    a = _in_server_order(_without_timing(json.loads(path_a.read_text())))
+    b = _in_server_order(_without_timing(json.loads(path_b.read_text())))
     found = _first_difference(a, b)
     return [*diffs, f"aggregate metrics: {found}"] if found else diffs
+
+
+def _in_server_order(entries: Any) -> Any:
+    """The entries by server and label: 0.7 writes them in the order its requests completed, the tool by server."""
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return entries
+    return sorted(entries, key=lambda e: (str(e.get("_ng_environment_server")),
+                                          str((e.get("agent_ref") or {}).get("name"))))
 
 
 def check_failures(nemo: CollectorRun, tool: CollectorRun) -> list[str]:

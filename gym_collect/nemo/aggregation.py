@@ -1,0 +1,305 @@
+"""NeMo Gym 0.7's aggregate metrics after a run (`_call_aggregate_metrics`, `nemo_gym/rollout_collection.py:2957-3099`).
+
+    output, failures, materialized ──MetricInputs──> rows per group (stripped, (task, rollout) order)
+        ──one streamed POST {server}/aggregate_metrics per group, concurrently──> AggregateMetrics
+        (no endpoint, an error, a timeout, a bad answer: NeMo Gym's default aggregation, computed locally)
+        ──> <stem>_aggregate_metrics.json, one entry per group, written atomically
+
+A group is an environment server (what results carry as `_ng_environment_server`), or an agent where no
+environment server fronts it (older head servers, `agent_url`, `agents.NAME=URL`). Aggregation never changes
+a run's exit code: every problem is one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from gym_collect.errors import ConfigError
+from gym_collect.nemo.default_metrics import default_aggregate_metrics
+from gym_collect.nemo.head import AGENT_TYPE, ENVIRONMENT_TYPE, HeadDocument
+from gym_collect.nemo.metric_inputs import DEFAULT_SORT_BUFFER_BYTES, Grouper, GroupRows, MetricInputs, MetricSources
+from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, Route
+from gym_collect.redact import display_url
+from gym_collect.writer import OutputPaths, replace_atomic
+
+log = logging.getLogger(__name__)
+
+ENDPOINT = "/aggregate_metrics"
+BODY_CHUNK_BYTES = 1 << 18  # rows read from the spool file per chunk of the streamed request body
+MAX_SHOWN_BODY = 200  # characters of an error answer quoted in the warning
+NO_ENDPOINT_STATUSES = (404, 405)
+# `AggregateMetrics` (`nemo_gym/config_types.py:933-966`): every field has a default.
+METRIC_FIELDS: tuple[tuple[str, type], ...] = (("agent_metrics", dict), ("key_metrics", dict),
+                                               ("group_level_metrics", list), ("repeat_level_metrics", list))
+LOCAL_NOTE = ("NeMo Gym's default aggregation computed locally (a server's own metrics, such as pass@k, are "
+              "missing)")
+
+
+@dataclass(frozen=True)
+class AggregationTarget:
+    """Where one group's rows go: `POST {url}/aggregate_metrics`.
+
+    `url`: the environment server's base URL, or the agent's where no environment server fronts it. `agent`:
+    the agent the group is labelled by (None: the first agent among its rows). `is_environment_server`: the
+    group is an environment server (its name goes into the entry's `_ng_environment_server`); None: it is when
+    its rows carry it as their `_ng_environment_server`.
+    """
+
+    url: str
+    agent: str | None = None
+    is_environment_server: bool | None = True
+
+
+def targets_from_routes(routes: Mapping[str, Route]) -> dict[str, AggregationTarget]:
+    """The targets of a run's routes (agent name -> `Route`): one per environment server, labelled by the first
+    agent behind it, and one per agent reached directly."""
+    targets: dict[str, AggregationTarget] = {}
+    for agent, route in routes.items():
+        name = None if agent == UNNAMED_AGENT else agent
+        if route.environment_server is not None:
+            targets.setdefault(route.environment_server, AggregationTarget(route.url, name))
+        else:
+            targets.setdefault(agent, AggregationTarget(route.url, name, is_environment_server=False))
+    return targets
+
+
+def targets_from_head(head: HeadDocument) -> dict[str, AggregationTarget]:
+    """A target for every environment server and agent of a head server's document that has a usable address;
+    environment servers are labelled by the agent they are attributed to (`HeadDocument.attributed_agent`)."""
+    targets: dict[str, AggregationTarget] = {}
+    for server_type in (ENVIRONMENT_TYPE, AGENT_TYPE):
+        for instance in head.of_type(server_type):
+            try:
+                url = head.address(instance.name)
+            except ConfigError:
+                continue  # a group served by it is computed locally, with a warning naming it
+            if server_type == ENVIRONMENT_TYPE:
+                targets[instance.name] = AggregationTarget(url, head.attributed_agent(instance.name))
+            else:
+                targets.setdefault(instance.name, AggregationTarget(url, instance.name, is_environment_server=False))
+    return targets
+
+
+def label_runs(agent_by_group: Mapping[str, str | None]) -> dict[str, str]:
+    """Each group's label: its agent's name when that agent labels no other group, else the group's own name;
+    a label that would still repeat falls back to the group's name too. Independent of the mapping's order,
+    every label unique (`label_runs`, `nemo_gym/global_config.py:298-320`)."""
+    groups_by_agent: dict[str, set[str]] = defaultdict(set)
+    for group, agent in agent_by_group.items():
+        if agent is not None:
+            groups_by_agent[agent].add(group)
+    labels = {group: agent if agent is not None and len(groups_by_agent[agent]) == 1 else group
+              for group, agent in agent_by_group.items()}
+    while True:
+        counts = Counter(labels.values())
+        clashing = [group for group, label in labels.items() if counts[label] > 1 and label != group]
+        if not clashing:
+            return labels
+        for group in clashing:
+            labels[group] = group
+
+
+async def aggregate_run(session: aiohttp.ClientSession, paths: OutputPaths, targets: Mapping[str, AggregationTarget],
+                        *, count_failure_classes_as_zero: Sequence[str], count_missing_rollouts_as_zero: bool,
+                        timeout_s: float | None, redact: Callable[[str], str] = lambda s: s,
+                        sort_buffer_bytes: int = DEFAULT_SORT_BUFFER_BYTES) -> list[dict[str, Any]] | None:
+    """Aggregate a run's rollouts per group and write `paths.aggregate_metrics`; the entries written, or None
+    when nothing was written (no rollouts, or an error, logged as one line).
+
+    Rows: `paths.output`, plus `paths.failures` and `paths.materialized_inputs` as the counting options ask
+    (`gym_collect.nemo.metric_inputs`). `targets`: group name -> `AggregationTarget`; a row's group is its
+    `_ng_environment_server` stamp, else the group of its `agent_ref.name`, else the only target when there is
+    one (rows sent to `agent_url` without `agent_ref`). Each group's request runs under `timeout_s` (None: no
+    limit). Messages pass through `redact` (secrets in URLs or echoed in error answers). Memory: see
+    `aggregate_files`. Raises nothing but `asyncio.CancelledError`.
+    """
+    by_agent: dict[str, list[str]] = defaultdict(list)
+    for group, target in targets.items():
+        if target.agent is not None:
+            by_agent[target.agent].append(group)
+    grouper = Grouper({agent: groups[0] for agent, groups in by_agent.items() if len(groups) == 1},
+                      default=next(iter(targets)) if len(targets) == 1 else None)
+    sources = MetricSources((paths.output,), (paths.failures,), (paths.materialized_inputs,))
+    return await aggregate_files(session, sources, paths.aggregate_metrics, targets.get, grouper=grouper,
+                                 count_failure_classes_as_zero=count_failure_classes_as_zero,
+                                 count_missing_rollouts_as_zero=count_missing_rollouts_as_zero,
+                                 timeout_s=timeout_s, redact=redact, sort_buffer_bytes=sort_buffer_bytes)
+
+
+async def aggregate_files(session: aiohttp.ClientSession | None, sources: MetricSources, destination: Path,
+                          resolve: Callable[[str], AggregationTarget | None], *, grouper: Grouper,
+                          count_failure_classes_as_zero: Sequence[str] = (),
+                          count_missing_rollouts_as_zero: bool = False, timeout_s: float | None = None,
+                          redact: Callable[[str], str] = lambda s: s,
+                          sort_buffer_bytes: int = DEFAULT_SORT_BUFFER_BYTES) -> list[dict[str, Any]] | None:
+    """Aggregate the rows of `sources` per group and write `destination` (see `aggregate_run`).
+
+    `resolve(group)` gives a group's server, None for none; with `session` None no request is sent and every
+    entry is computed locally (one note). File shape (0.7, `rollout_collection.py:3049-3060, 3096-3097`): an
+    indented JSON list of `{"agent_ref": {"name": label}, "_ng_environment_server": group, "agent_metrics",
+    "key_metrics", "group_level_metrics", "repeat_level_metrics", "perf_summary"?}`, labels by `label_runs`.
+    A group that is an agent, not an environment server, has `"_ng_environment_server": null` (0.5 wrote no
+    such key; 0.7 has no such groups). Entries are sorted by group name (0.7 writes them in completion order,
+    which varies from run to run).
+
+    Memory: the sort buffer (`sort_buffer_bytes` of stripped rows; more spills to sorted runs in `TMPDIR`),
+    plus a `BODY_CHUNK_BYTES` chunk per request in flight, plus each server's answer; never a list of the
+    rows. A local aggregation holds what `default_aggregate_metrics` holds.
+    """
+    try:
+        return await _aggregate(session, sources, destination, resolve, grouper, count_failure_classes_as_zero,
+                                count_missing_rollouts_as_zero, timeout_s, redact, sort_buffer_bytes)
+    except Exception as exc:  # aggregation never changes how a run ends: one line, no traceback
+        log.error("Aggregate metrics not written to %s: %s", destination, _one_line(redact(str(exc))))
+        return None
+
+
+async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSources, destination: Path,
+                     resolve: Callable[[str], AggregationTarget | None], grouper: Grouper,
+                     failure_classes: Sequence[str], count_missing: bool, timeout_s: float | None,
+                     redact: Callable[[str], str], sort_buffer_bytes: int) -> list[dict[str, Any]] | None:
+    log.info("Computing aggregate metrics")
+    with MetricInputs(sources, grouper, failure_classes=failure_classes, count_missing=count_missing,
+                      sort_buffer_bytes=sort_buffer_bytes) as inputs:
+        groups = await asyncio.to_thread(inputs.build)
+        if failure_classes:
+            log.info("Counting %d failure row(s) as scored zeros: %s", inputs.counted_failures, list(failure_classes))
+        if count_missing:
+            log.info("Counting %d materialized rollout(s) with no row as scored zeros", inputs.imputed_zeros)
+        if inputs.ungrouped:
+            log.warning("%d row(s) name no agent or environment server: left out of the aggregate metrics",
+                        inputs.ungrouped)
+        if not groups:
+            log.info("No rollouts to aggregate: %s not written", destination)
+            return None
+        targets = {name: resolve(name) for name in groups}
+        labels = label_runs({name: (t.agent if t is not None and t.agent else groups[name].agent)
+                             for name, t in targets.items()})
+        if session is None:
+            log.info("No server to ask: %s holds %s", destination.name, LOCAL_NOTE)
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(_group_entry(session, groups[name], targets[name], labels[name],
+                                                      timeout_s, redact))
+                       for name in sorted(groups)]
+    entries = [entry for task in running if (entry := task.result()) is not None]
+    if not entries:
+        return None
+    await asyncio.to_thread(replace_atomic, destination, orjson.dumps(entries, option=orjson.OPT_INDENT_2))
+    for entry in entries:
+        log.info("Key metrics for %s: %s", entry[AGENT_REF_KEY]["name"], orjson.dumps(entry["key_metrics"]).decode())
+    log.info("Wrote %s (%d group(s))", destination, len(entries))
+    return entries
+
+
+class _Unanswered(Exception):
+    """The server gave no usable `AggregateMetrics`; the message says what happened."""
+
+
+async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, target: AggregationTarget | None,
+                       label: str, timeout_s: float | None, redact: Callable[[str], str]) -> dict[str, Any] | None:
+    """The group's entry: the server's answer, else the local default (after one warning); None when even that
+    fails (one error line)."""
+    known = target.is_environment_server if target is not None else None
+    environment_server = group.name if (group.stamped if known is None else known) else None
+    if session is not None:
+        if target is None:
+            log.warning("No server is known for %s: its entry is %s", group.name, LOCAL_NOTE)
+        else:
+            shown = display_url(target.url)
+            try:
+                return _entry(label, environment_server, await _ask(session, target.url, group, timeout_s, redact))
+            except _Unanswered as exc:
+                log.warning("%s", redact(f"{shown}: POST {ENDPOINT} {exc}; the entry of {label} is {LOCAL_NOTE}"))
+    try:
+        document = await asyncio.to_thread(default_aggregate_metrics, group.rows())
+        if (problem := _shape_problem(document)) is not None:
+            raise ValueError(problem)
+    except Exception as exc:  # a bad row must not cost the other groups their entries
+        log.error("%s: no aggregate metrics: the default aggregation failed (%s)", label,
+                  _one_line(redact(f"{type(exc).__name__}: {exc}")))
+        return None
+    return _entry(label, environment_server, document)
+
+
+async def _ask(session: aiohttp.ClientSession, url: str, group: GroupRows, timeout_s: float | None,
+               redact: Callable[[str], str]) -> dict[str, Any]:
+    """`POST {url}/aggregate_metrics` with the group's rows, streamed; the answer. Raises `_Unanswered`, whose
+    message quotes what the server said, redacted before it is cut short (so no part of a secret shows)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            async with session.post(url.rstrip("/") + ENDPOINT, data=_body(group.path), allow_redirects=False,
+                                    headers={"Content-Type": "application/json"}) as response:
+                status, payload = response.status, await response.read()
+    except TimeoutError:
+        raise _Unanswered(f"had no answer within aggregate_timeout_s={timeout_s:g} s") from None
+    except Exception as exc:  # aiohttp.ClientError, and whatever else the request raises: the local default
+        raise _Unanswered(f"failed ({type(exc).__name__}: {_one_line(redact(str(exc)))})") from None
+    if status in NO_ENDPOINT_STATUSES:
+        raise _Unanswered(f"is not served (HTTP {status}: no such endpoint)")
+    if status != 200:
+        raise _Unanswered(f"answered HTTP {status}: {_shown(payload, redact)}")
+    try:
+        document = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        raise _Unanswered(f"answered something that is not JSON: {_shown(payload, redact)}") from None
+    if (problem := _shape_problem(document)) is not None:
+        raise _Unanswered(f"answered JSON that is not NeMo Gym's AggregateMetrics ({problem})")
+    return dict(document)
+
+
+async def _body(path: Path) -> AsyncIterator[bytes]:
+    """`{"verify_responses": [...]}` piece by piece from the spool file (one JSON object a line): sent with
+    chunked transfer encoding, so no request body is ever whole in memory."""
+    yield b'{"verify_responses":['
+    f = await asyncio.to_thread(path.open, "rb")
+    try:
+        separator = b""
+        while lines := await asyncio.to_thread(f.readlines, BODY_CHUNK_BYTES):
+            yield separator + b",".join(line.rstrip(b"\n") for line in lines)
+            separator = b","
+    finally:
+        f.close()
+    yield b"]}"
+
+
+def _shape_problem(document: Any) -> str | None:
+    """What keeps `document` from being an `AggregateMetrics` (`nemo_gym/config_types.py:933-966`), or None."""
+    if not isinstance(document, dict):
+        return f"a JSON {type(document).__name__}, not an object"
+    for key, kind in METRIC_FIELDS:
+        value = document.get(key, kind())
+        if not isinstance(value, kind):
+            return f"{key} is not a JSON {'object' if kind is dict else 'array'}"
+        if isinstance(value, list) and not all(isinstance(item, dict) for item in value):
+            return f"{key} holds something that is not an object"
+    if not isinstance(document.get("perf_summary"), dict | None):
+        return "perf_summary is not an object"
+    return None
+
+
+def _entry(label: str, environment_server: str | None, document: Mapping[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {AGENT_REF_KEY: {"name": label}, ENVIRONMENT_SERVER_KEY: environment_server}
+    for key, kind in METRIC_FIELDS:
+        entry[key] = document.get(key, kind())
+    if document.get("perf_summary") is not None:
+        entry["perf_summary"] = document["perf_summary"]
+    return entry
+
+
+def _shown(payload: bytes, redact: Callable[[str], str]) -> str:
+    return _one_line(redact(payload.decode("utf-8", "replace"))) or "(empty)"
+
+
+def _one_line(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= MAX_SHOWN_BODY else text[:MAX_SHOWN_BODY] + "..."
