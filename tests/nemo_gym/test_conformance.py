@@ -113,8 +113,8 @@ class Case:
     skip: dict[str, str] = field(default_factory=dict)  # check -> why it does not apply
 
 
-# What differs today, by check (the spec for the collector work; see README.md for the observed 0.7 shapes).
-FILES: dict[str, str] = {}
+# What still differs, by check: both follow from this tool's documented default (record a failed rollout and go on;
+# exit 3 while one is missing). See README.md for the observed 0.7 shapes.
 AGGREGATED_AFTER_FAILURE = ("the tool goes on after the failed rollout and aggregates the 5 it wrote; 0.7 ends the run "
                             "at the failure, before aggregating")
 HANDLED_FAILURE_EXIT = ("exit 3 where 0.7 exits 0: the environment server answers a handled failure, which 0.7 "
@@ -128,40 +128,39 @@ def weather_failing() -> bytes:
 
 
 CASES: tuple[Case, ...] = (
-    Case("plain_agent", lambda: lines(weather()), (f"+agent_name={SIMPLE_AGENT}",), FILES),
-    Case("num_repeats", lambda: lines(gymnasium()), ("+num_repeats=3",), FILES),
-    Case("limit", lambda: lines(gymnasium()), ("+limit=2", "+num_repeats=2"), FILES),
+    Case("plain_agent", lambda: lines(weather()), (f"+agent_name={SIMPLE_AGENT}",)),
+    Case("num_repeats", lambda: lines(gymnasium()), ("+num_repeats=3",)),
+    Case("limit", lambda: lines(gymnasium()), ("+limit=2", "+num_repeats=2")),
     Case("mixed_dataset", lambda: lines([r for pair in zip(weather(SIMPLE_AGENT), gymnasium(), strict=True)
-                                         for r in pair]), ("+num_repeats=2",), FILES),
-    Case("single_agent_turn", lambda: lines(weather()), (f"+agent_name={SESSION_AGENT}",), FILES),
-    Case("agent_name_overrides_rows", lambda: lines(weather(SESSION_AGENT)), (f"+agent_name={SIMPLE_AGENT}",), FILES),
-    Case("task_source_rows", task_source_rows, (), FILES),
+                                         for r in pair]), ("+num_repeats=2",)),
+    Case("single_agent_turn", lambda: lines(weather()), (f"+agent_name={SESSION_AGENT}",)),
+    Case("agent_name_overrides_rows", lambda: lines(weather(SESSION_AGENT)), (f"+agent_name={SIMPLE_AGENT}",)),
+    Case("task_source_rows", task_source_rows, ()),
     Case("environment_server_name", lambda: lines(weather(SESSION_AGENT)),
-         ("+environment_routing_mode=legacy", f"+environment_server_name={SINGLE_AGENT_TURN}"), FILES),
+         ("+environment_routing_mode=legacy", f"+environment_server_name={SINGLE_AGENT_TURN}")),
     Case("failing_environment", weather_failing, (f"+agent_name={SIMPLE_AGENT}", "+num_samples_in_parallel=1"),
          {"aggregate_metrics": AGGREGATED_AFTER_FAILURE},
          skip={"failures": "0.7's default ends the run at the first failed /run and records nothing; the tool's "
                            "documented default records the failure and goes on"}),
     Case("failing_single_agent_turn", weather_failing, (f"+agent_name={SESSION_AGENT}", "+num_samples_in_parallel=1"),
-         {"rollouts": HANDLED_FAILURE_EXIT, **FILES}),
+         {"rollouts": HANDLED_FAILURE_EXIT}),
     Case("route_failures_to_sidecar_true", weather_failing,
-         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true"), FILES),
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true")),
     Case("route_failures_to_sidecar_false", weather_failing,
          (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=false", "+num_samples_in_parallel=1")),
     Case("caller_indices_and_duplicates", caller_indices_and_duplicates,
-         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2"), FILES),
+         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2")),
     Case("num_repeats_add_seed", lambda: lines(weather()),
-         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2", "+num_repeats_add_seed=true"), FILES),
-    Case("prompt_config", prompt_rows, ("+prompt_config={prompt}",), FILES),
-    Case("limit_zero", lambda: lines(gymnasium()), ("+limit=0",), FILES),
-    Case("head_server_port_key", lambda: lines(gymnasium()), ("+head_server.port={head_port}",), FILES),
+         (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2", "+num_repeats_add_seed=true")),
+    Case("prompt_config", prompt_rows, ("+prompt_config={prompt}",)),
+    Case("limit_zero", lambda: lines(gymnasium()), ("+limit=0",)),
+    Case("head_server_port_key", lambda: lines(gymnasium()), ("+head_server.port={head_port}",)),
     Case("disable_aggregation", lambda: lines(gymnasium()), ("+disable_aggregation=true",)),
     Case("count_failure_classes_as_zero", weather_failing,
          (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true",
-          "+count_failure_classes_as_zero=[agent_run_error]"), FILES),
+          "+count_failure_classes_as_zero=[agent_run_error]")),
     Case("count_missing_rollouts_as_zero", weather_failing,
-         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true", "+count_missing_rollouts_as_zero=true"),
-         FILES),
+         (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true", "+count_missing_rollouts_as_zero=true")),
 )
 
 
