@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,10 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from gym_collect.nemo import aggregation
 from gym_collect.nemo.aggregation import AggregationTarget, aggregate_run, label_runs, targets_from_routes
 from gym_collect.nemo.metric_inputs import Grouper, MetricInputs, MetricSources
 from gym_collect.nemo.routing import UNNAMED_AGENT, Route
@@ -90,6 +94,11 @@ class MetricsServer:
         return self.server.url + prefix
 
 
+
+def headline(entry: dict[str, Any]) -> dict[str, Any]:
+    """What `aggregate_run` returns of an entry: all but its per-task lists."""
+    return {k: v for k, v in entry.items() if k not in ("group_level_metrics", "repeat_level_metrics")}
+
 async def aggregate(paths: OutputPaths, targets: dict[str, AggregationTarget], *, failure_classes: Iterable[str] = (),
                     count_missing: bool = False, timeout_s: float | None = 10.0, headers: dict[str, str] | None = None,
                     redact: Any = None, **kwargs: Any) -> list[dict[str, Any]] | None:
@@ -119,7 +128,8 @@ async def test_each_server_gets_its_groups_rows_stripped_sorted_and_streamed(tmp
         assert headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in headers
         assert headers["Content-Type"] == "application/json"
     written = orjson.loads(paths.aggregate_metrics.read_bytes())
-    assert written == entries == [
+    assert entries == [headline(entry) for entry in written]
+    assert written == [
         {"agent_ref": {"name": "code_agent"}, "_ng_environment_server": "code_env", **ANSWER, "perf_summary": PERF},
         {"agent_ref": {"name": "math_agent"}, "_ng_environment_server": "math_env", **ANSWER},
     ]
@@ -154,9 +164,11 @@ async def test_a_server_that_cannot_answer_gets_the_local_default_and_one_warnin
         entries = await aggregate(paths, {"math_env": AggregationTarget(url, "math_agent")}, timeout_s=5.0)
     assert entries is not None and entries[0]["key_metrics"]["mean/reward"] == 0.5  # the default, computed here
     assert entries[0]["agent_ref"] == {"name": "math_agent"} and entries[0]["_ng_environment_server"] == "math_env"
-    assert set(entries[0]) == {"agent_ref", "_ng_environment_server", "agent_metrics", "key_metrics",
-                               "group_level_metrics", "repeat_level_metrics"}
-    assert orjson.loads(paths.aggregate_metrics.read_bytes()) == entries
+    assert set(entries[0]) == {"agent_ref", "_ng_environment_server", "agent_metrics", "key_metrics"}
+    assert set(orjson.loads(paths.aggregate_metrics.read_bytes())[0]) == {
+        "agent_ref", "_ng_environment_server", "agent_metrics", "key_metrics", "group_level_metrics",
+        "repeat_level_metrics"}
+    assert [headline(e) for e in orjson.loads(paths.aggregate_metrics.read_bytes())] == entries
     (warning,) = warnings_of(caplog)
     assert url in warning and "computed locally" in warning and "\n" not in warning
     expected = {"404": "HTTP 404", "500": "HTTP 500: Internal Server Error traceback: boom", "hang": "0.5 s",
@@ -263,7 +275,9 @@ async def test_agent_only_groups_and_rows_without_agent_ref(tmp_path: Path) -> N
     with MetricsServer(["/x"]) as server:
         entries = await aggregate(paths, {"a1": AggregationTarget(server.url("/x"), "a1", is_environment_server=False)})
     assert [r["_ng_task_index"] for r in server.bodies["/x"]] == [0, 1, 2]  # the only target takes the unnamed row
-    assert entries == [{"agent_ref": {"name": "a1"}, "_ng_environment_server": None, **ANSWER}]
+    assert orjson.loads(paths.aggregate_metrics.read_bytes()) == [
+        {"agent_ref": {"name": "a1"}, "_ng_environment_server": None, **ANSWER}]
+    assert entries == [headline({"agent_ref": {"name": "a1"}, "_ng_environment_server": None, **ANSWER})]
 
 
 async def test_no_rollouts_no_request_no_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -372,3 +386,46 @@ def test_the_runs_clock_stops_before_aggregation() -> None:
     now[0] = 160.0  # a minute of aggregation
     snapshot = metrics.snapshot()
     assert (snapshot["wall_time_s"], snapshot["active_s"]) == (2.0, 2.0)
+
+
+# A server's answer is streamed: spooled to a temporary file, checked in one pass, its lists copied item by item.
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-2**53, 2**53) | st.floats(allow_nan=False,
+                                                                                                allow_infinity=False)
+                           | st.text(max_size=5), lambda inner: st.lists(inner, max_size=3)
+                           | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=8)
+
+
+@given(st.lists(st.fixed_dictionaries({
+    "agent_metrics": st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=3),
+    "key_metrics": st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=2),
+    "group_level_metrics": st.lists(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=3), max_size=4),
+    "repeat_level_metrics": st.lists(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=2), max_size=2),
+}), min_size=1, max_size=3))
+@settings(max_examples=60, deadline=None)
+def test_the_streamed_file_is_byte_for_byte_what_0_7_writes(answers: list[dict[str, Any]]) -> None:
+    entries = []
+    for n, answer in enumerate(answers):
+        spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+        spool.write(orjson.dumps(answer))
+        document = aggregation._spooled_document(spool)
+        entries.append(aggregation._entry(f"agent{n}", f"env{n}", document))
+    expected = [aggregation._entry(f"agent{n}", f"env{n}", answer) for n, answer in enumerate(answers)]
+    try:
+        assert b"".join(aggregation._file_chunks(entries)) == orjson.dumps(expected, option=orjson.OPT_INDENT_2)
+    finally:
+        for entry in entries:
+            entry["group_level_metrics"].close()
+
+
+@pytest.mark.parametrize(("answer", "problem"), [
+    (b"", "not JSON"), (b"[1]", "a JSON array, not an object"), (b'{"key_metrics": 3}', "key_metrics is not"),
+    (b'{"group_level_metrics": [{"a": 1}, 2]}', "group_level_metrics holds something that is not an object"),
+    (b'{"perf_summary": []}', "perf_summary is not an object"), (b'{"agent_metrics": {"a": ', "not JSON"),
+    (b'{"agent_metrics": {}, "perf_summary": null, "group_level_metrics": [{"x": [1, {"y": 2}]}]}', None),
+])
+def test_a_spooled_answer_is_checked_in_one_streaming_pass(answer: bytes, problem: str | None) -> None:
+    with tempfile.TemporaryFile() as spool:
+        spool.write(answer)
+        found = aggregation._spool_problem(spool)
+    assert (found is None) if problem is None else (found is not None and found.startswith(problem))

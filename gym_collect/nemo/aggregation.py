@@ -15,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import tempfile
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import aiohttp
+import ijson
 import orjson
 
 from gym_collect.errors import ConfigError
@@ -38,6 +40,9 @@ ENDPOINT = "/aggregate_metrics"
 BODY_CHUNK_BYTES = 1 << 18  # rows read from the spool file per chunk of the streamed request body
 MAX_SHOWN_BODY = 200  # characters of an error answer quoted in the warning
 NO_ENDPOINT_STATUSES = (404, 405)
+ANSWER_CHUNK_BYTES = 1 << 16  # of a server's answer, copied to its temporary file
+NOT_JSON = "not JSON"
+PER_TASK_FIELDS = ("group_level_metrics", "repeat_level_metrics")  # in the file only: they grow with the run
 # `AggregateMetrics` (`nemo_gym/config_types.py:933-966`): every field has a default.
 METRIC_FIELDS: tuple[tuple[str, type], ...] = (("agent_metrics", dict), ("key_metrics", dict),
                                                ("group_level_metrics", list), ("repeat_level_metrics", list))
@@ -113,8 +118,9 @@ async def aggregate_run(session: aiohttp.ClientSession, paths: OutputPaths, targ
                         *, count_failure_classes_as_zero: Sequence[str], count_missing_rollouts_as_zero: bool,
                         timeout_s: float | None, redact: Callable[[str], str] = lambda s: s,
                         sort_buffer_bytes: int = DEFAULT_SORT_BUFFER_BYTES) -> list[dict[str, Any]] | None:
-    """Aggregate a run's rollouts per group and write `paths.aggregate_metrics`; the entries written, or None
-    when nothing was written (no rollouts, or an error, logged as one line).
+    """Aggregate a run's rollouts per group and write `paths.aggregate_metrics`; the entries written without
+    their per-task lists (`PER_TASK_FIELDS`, in the file only), or None when nothing was written (no rollouts,
+    or an error, logged as one line).
 
     Rows: `paths.output`, plus `paths.failures` and `paths.materialized_inputs` as the counting options ask
     (`gym_collect.nemo.metric_inputs`). `targets`: group name -> `AggregationTarget`; a row's group is its
@@ -153,8 +159,10 @@ async def aggregate_files(session: aiohttp.ClientSession | None, sources: Metric
     which varies from run to run).
 
     Memory: the sort buffer (`sort_buffer_bytes` of stripped rows; more spills to sorted runs in `TMPDIR`),
-    plus a `BODY_CHUNK_BYTES` chunk per request in flight, plus each server's answer; never a list of the
-    rows. A local aggregation holds what `default_aggregate_metrics` holds.
+    plus a `BODY_CHUNK_BYTES` chunk per request in flight; a server's answer goes to a temporary file and its
+    per-task lists are copied from there into the file item by item (ijson), so neither the rows nor the
+    answer is ever whole in memory. A local aggregation holds what `default_aggregate_metrics` holds (its
+    per-task groups among them).
     """
     try:
         return await _aggregate(session, sources, destination, resolve, grouper, count_failure_classes_as_zero,
@@ -192,13 +200,59 @@ async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSourc
                                                       timeout_s, redact))
                        for name in sorted(groups)]
     entries = [entry for task in running if (entry := task.result()) is not None]
-    if not entries:
-        return None
-    await asyncio.to_thread(replace_atomic, destination, orjson.dumps(entries, option=orjson.OPT_INDENT_2))
+    try:
+        if not entries:
+            return None
+        await asyncio.to_thread(replace_atomic, destination, _file_chunks(entries))
+    finally:
+        for entry in entries:
+            for value in entry.values():
+                if isinstance(value, _Spooled):
+                    value.close()
     for entry in entries:
         log.info("Key metrics for %s: %s", entry[AGENT_REF_KEY]["name"], orjson.dumps(entry["key_metrics"]).decode())
     log.info("Wrote %s (%d group(s))", destination, len(entries))
-    return entries
+    return [{key: value for key, value in entry.items() if key not in PER_TASK_FIELDS} for entry in entries]
+
+
+class _Spooled:
+    """A list field of a server's answer left in the answer's temporary file: its items are read back one by
+    one (ijson) when the file is written, so an answer with a group per task never sits in memory whole."""
+
+    def __init__(self, spool: IO[bytes], key: str) -> None:
+        self.spool, self.key = spool, key
+
+    def __iter__(self) -> Iterator[Any]:
+        self.spool.seek(0)
+        return iter(ijson.items(self.spool, f"{self.key}.item", use_float=True))
+
+    def close(self) -> None:
+        self.spool.close()
+
+
+def _file_chunks(entries: list[dict[str, Any]]) -> Iterator[bytes]:
+    """The entries as `orjson.dumps(entries, option=OPT_INDENT_2)` writes them, byte for byte, with `_Spooled`
+    lists streamed item by item."""
+    yield b"[\n"
+    for n, entry in enumerate(entries):
+        yield b"  {\n"
+        for m, (key, value) in enumerate(entry.items()):
+            yield b"    " + orjson.dumps(key) + b": "
+            if isinstance(value, _Spooled):
+                empty = True
+                for item in value:
+                    yield (b"[\n" if empty else b",\n") + b"      " + _indented(item, 3)
+                    empty = False
+                yield b"[]" if empty else b"\n    ]"
+            else:
+                yield _indented(value, 2)
+            yield b",\n" if m + 1 < len(entry) else b"\n"
+        yield b"  },\n" if n + 1 < len(entries) else b"  }\n"
+    yield b"]"
+
+
+def _indented(value: Any, level: int) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n" + b"  " * level)
 
 
 class _Unanswered(Exception):
@@ -233,28 +287,85 @@ async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, 
 
 async def _ask(session: aiohttp.ClientSession, url: str, group: GroupRows, timeout_s: float | None,
                redact: Callable[[str], str]) -> dict[str, Any]:
-    """`POST {url}/aggregate_metrics` with the group's rows, streamed; the answer. Raises `_Unanswered`, whose
-    message quotes what the server said, redacted before it is cut short (so no part of a secret shows)."""
+    """`POST {url}/aggregate_metrics` with the group's rows, streamed; the answer, spooled to a temporary file
+    (its small fields parsed, its lists `_Spooled`). Raises `_Unanswered`, whose message quotes what the server
+    said, redacted before it is cut short (so no part of a secret shows)."""
+    spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed on error here, else once the file is written)
     try:
-        async with asyncio.timeout(timeout_s):
-            async with session.post(url.rstrip("/") + ENDPOINT, data=_body(group.path), allow_redirects=False,
-                                    headers={"Content-Type": "application/json"}) as response:
-                status, payload = response.status, await response.read()
-    except TimeoutError:
-        raise _Unanswered(f"had no answer within aggregate_timeout_s={timeout_s:g} s") from None
-    except Exception as exc:  # aiohttp.ClientError, and whatever else the request raises: the local default
-        raise _Unanswered(f"failed ({type(exc).__name__}: {_one_line(redact(str(exc)))})") from None
-    if status in NO_ENDPOINT_STATUSES:
-        raise _Unanswered(f"is not served (HTTP {status}: no such endpoint)")
-    if status != 200:
-        raise _Unanswered(f"answered HTTP {status}: {_shown(payload, redact)}")
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with session.post(url.rstrip("/") + ENDPOINT, data=_body(group.path), allow_redirects=False,
+                                        headers={"Content-Type": "application/json"}) as response:
+                    status = response.status
+                    async for chunk in response.content.iter_chunked(ANSWER_CHUNK_BYTES):
+                        spool.write(chunk)
+        except TimeoutError:
+            raise _Unanswered(f"had no answer within aggregate_timeout_s={timeout_s:g} s") from None
+        except Exception as exc:  # aiohttp.ClientError, and whatever else the request raises: the local default
+            raise _Unanswered(f"failed ({type(exc).__name__}: {_one_line(redact(str(exc)))})") from None
+        if status in NO_ENDPOINT_STATUSES:
+            raise _Unanswered(f"is not served (HTTP {status}: no such endpoint)")
+        if status != 200:
+            raise _Unanswered(f"answered HTTP {status}: {_shown(_head(spool), redact)}")
+        problem = await asyncio.to_thread(_spool_problem, spool)
+        if problem == NOT_JSON:
+            raise _Unanswered(f"answered something that is not JSON: {_shown(_head(spool), redact)}")
+        if problem is not None:
+            raise _Unanswered(f"answered JSON that is not NeMo Gym's AggregateMetrics ({problem})")
+        return await asyncio.to_thread(_spooled_document, spool)
+    except BaseException:
+        spool.close()
+        raise
+
+
+def _head(spool: IO[bytes]) -> bytes:
+    spool.seek(0)
+    return spool.read(4 * MAX_SHOWN_BODY)
+
+
+def _spool_problem(spool: IO[bytes]) -> str | None:
+    """What keeps the spooled answer from being an `AggregateMetrics` (`nemo_gym/config_types.py:933-966`):
+    `NOT_JSON`, a description, or None; one streaming pass, whatever the answer's size."""
+    kinds = {key: kind for key, kind in METRIC_FIELDS}
+    spool.seek(0)
     try:
-        document = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        raise _Unanswered(f"answered something that is not JSON: {_shown(payload, redact)}") from None
-    if (problem := _shape_problem(document)) is not None:
-        raise _Unanswered(f"answered JSON that is not NeMo Gym's AggregateMetrics ({problem})")
-    return dict(document)
+        events = ijson.parse(spool, use_float=True)
+        first = next(events, None)
+        if first is None:
+            return NOT_JSON
+        if first[1] != "start_map":
+            return f"a JSON {first[1].removeprefix('start_')}, not an object"
+        key: str | None = None
+        for prefix, event, value in events:
+            if prefix == "" and event == "map_key":
+                key = value
+            elif key is not None and prefix == key:
+                kind = kinds.get(key)
+                if (kind is dict and event != "start_map") or (kind is list and event != "start_array"):
+                    return f"{key} is not a JSON {'object' if kind is dict else 'array'}"
+                if key == "perf_summary" and event not in ("start_map", "null"):
+                    return "perf_summary is not an object"
+                key = None
+            elif kinds.get(prefix.removesuffix(".item")) is list and prefix.endswith(".item") and event in (
+                    "start_array", "string", "number", "boolean", "null"):
+                return f"{prefix.removesuffix('.item')} holds something that is not an object"
+    except ijson.JSONError:
+        return NOT_JSON
+    return None
+
+
+def _spooled_document(spool: IO[bytes]) -> dict[str, Any]:
+    """The answer's fields: small ones parsed, lists left in the spool."""
+    document: dict[str, Any] = {}
+    for key, kind in (*METRIC_FIELDS, ("perf_summary", dict)):
+        if kind is list:
+            document[key] = _Spooled(spool, key)
+            continue
+        spool.seek(0)
+        value = next(iter(ijson.items(spool, key, use_float=True)), None)
+        if value is not None or key != "perf_summary":
+            document[key] = value if value is not None else kind()
+    return document
 
 
 async def _body(path: Path) -> AsyncIterator[bytes]:
