@@ -35,7 +35,7 @@ import orjson
 from gym_collect.external_sort import ExternalSorter
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY
 from gym_collect.nemo.rows import RESPONSES_CREATE_PARAMS_KEY, ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
-from gym_collect.writer.lines import read_records
+from gym_collect.writer.lines import exact_copy, read_records
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ FAILURE_CLASS_KEY = "_ng_failure_class"
 STRIPPED_KEYS = frozenset({"response", RESPONSES_CREATE_PARAMS_KEY, "ng_agent_observations",
                            "ng_model_call_capture", "ng_trajectory"})
 KEPT_RESPONSE_KEYS = ("usage", "incomplete_details")
-DEFAULT_SORT_BUFFER_BYTES = 64 << 20
+DEFAULT_SORT_BUFFER_BYTES = 16 << 20
 ITEM_OVERHEAD_BYTES = 160  # a sort item's tuple, ints and bytes object, beside its payload
 ROLLOUT, FAILURE, MATERIALIZED = 0, 1, 2  # sources, in the order they stand for one (task, rollout)
 
@@ -189,7 +189,7 @@ class MetricInputs:
             for path in self.sources.outputs:
                 for _, row in read_records(path, skip_torn_tail=True):
                     number = self._group_number(row, carried=True)
-                    sorter.add((*_pair(row), ROLLOUT, number, orjson.dumps(verify_response(row))))
+                    sorter.add((*_pair(row), ROLLOUT, number, exact_copy(orjson.dumps(verify_response(row)))))
             if self.failure_classes or self.count_missing:
                 for path in self.sources.failures:
                     for _, record in read_records(path, skip_torn_tail=True):
@@ -227,7 +227,7 @@ class MetricInputs:
         """A listed class: the scored row; otherwise b"" (recorded, so never a missing zero, but not counted)."""
         if record.get(FAILURE_CLASS_KEY) not in self.failure_classes:
             return b""
-        return orjson.dumps(verify_response(counted_failure_row(record)))
+        return exact_copy(orjson.dumps(verify_response(counted_failure_row(record))))
 
     def _task_fields(self, row: Mapping[str, Any], number: int) -> bytes:
         """What a materialized row gives an added row: its identity, and the dataset fields the group's
@@ -239,7 +239,7 @@ class MetricInputs:
                     AGENT_REF_KEY: row.get(AGENT_REF_KEY)}
         if ENVIRONMENT_SERVER_KEY in row:
             identity[ENVIRONMENT_SERVER_KEY] = row[ENVIRONMENT_SERVER_KEY]
-        return orjson.dumps({"identity": identity, "fill": fill})
+        return exact_copy(orjson.dumps({"identity": identity, "fill": fill}))
 
     def _spool(self, items: Iterator[_Item]) -> None:
         """One look at each (task, rollout), in order: its rollouts, else its latest failure record if counted,

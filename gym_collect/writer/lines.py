@@ -63,6 +63,12 @@ class LineFile:
         self.size += len(data)
 
 
+def exact_copy(data: bytes) -> bytes:
+    """`data` in an allocation of its own size. orjson's output keeps the capacity it grew to (at least 4 KiB
+    however short the JSON), which costs nothing for a line written at once but dominates one that is held."""
+    return bytes(memoryview(data))
+
+
 def rollout_line(record: dict[str, Any]) -> bytes:
     """One compact JSONL line (orjson, UTF-8, `\\n`-terminated) for a rollout or failure record."""
     return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)

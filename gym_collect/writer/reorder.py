@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from typing import Protocol
 
-from gym_collect.writer.lines import LineFile
+from gym_collect.writer.lines import LineFile, exact_copy
 
 
 class RequestKey(Protocol):
@@ -62,6 +62,8 @@ class RolloutWriter:
                 self.rollouts.write(rollout_line)
                 self.written += 1
             return
+        if request.seq != self._next_seq and rollout_line is not None:
+            rollout_line = exact_copy(rollout_line)  # held a while: without orjson's spare capacity
         held = None if rollout_line is None else (request.task_index, request.rollout_index, rollout_line)
         self._held[request.seq] = held
         if request.seq != self._next_seq:
