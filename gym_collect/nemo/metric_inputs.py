@@ -44,7 +44,7 @@ FAILURE_CLASS_KEY = "_ng_failure_class"
 STRIPPED_KEYS = frozenset({"response", RESPONSES_CREATE_PARAMS_KEY, "ng_agent_observations",
                            "ng_model_call_capture", "ng_trajectory"})
 KEPT_RESPONSE_KEYS = ("usage", "incomplete_details")
-DEFAULT_SORT_BUFFER_BYTES = 16 << 20
+DEFAULT_SORT_BUFFER_BYTES = 4 << 20
 ITEM_OVERHEAD_BYTES = 160  # a sort item's tuple, ints and bytes object, beside its payload
 ROLLOUT, FAILURE, MATERIALIZED = 0, 1, 2  # sources, in the order they stand for one (task, rollout)
 
