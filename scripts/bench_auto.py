@@ -22,7 +22,7 @@ and 6, the earlier short scenarios (gpu, rate_limited, halving; targets >= 0.90)
 a dispatch budget while both backends still have rows, and compare rollouts/s from the first request.
 
     python scripts/bench_auto.py                 # simulated scenarios 1-5, about 80 s
-    python scripts/bench_auto.py --realtime      # and the real-time runs, about 22 minutes (--quick: 8)
+    python scripts/bench_auto.py --realtime      # and the real-time runs, about 20 minutes (--quick: shorter)
 """
 
 from __future__ import annotations

@@ -8,7 +8,9 @@ holds back another's rows, in memory that does not grow with the input:
 Each backend holds up to `per_backend` requests in memory; past that, its requests go to its `SpillQueue` (a
 temporary file) and come back in order as the memory drains. Rows are read only for a backend that could
 start one now and has none queued, so with one backend, or with every backend busy, nothing piles up; a
-backend waiting for its rows lets the reader run ahead past the others', which then wait on disk.
+backend waiting for its rows lets the reader run ahead past the others', which then wait on disk. Disk use
+is the pickled requests read past a backend's memory and not started: with rows interleaved and one backend
+far faster than another, up to the slower backend's share of the input's requests.
 """
 
 from __future__ import annotations
