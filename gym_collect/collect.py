@@ -156,7 +156,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
 
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_client(cfg))
-            routes, _ = await _routes(cfg, stack, client, builder, found)
+            routes, rollouts_by_agent = await _routes(cfg, stack, client, builder, found)
             expected, per_row = _expected(cfg, builder, found)
             done = _done_set(found, per_row)
             metrics = RunMetrics(expected)
@@ -210,7 +210,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     client=client, agent_urls=urls, result_fields={a: r.stamps for a, r in routes.items()},
                     writer=writer, metrics=metrics, progress=progress,
                     policy=RetryPolicy(cfg.max_attempts, cfg.backoff_initial_s, cfg.backoff_max_s),
-                    limits=limits,
+                    limits=limits, rollouts_by_agent=rollouts_by_agent, deadline=deadline,
                     budget=FailureBudget(cfg.max_failures, cfg.max_failure_rate, cfg.min_rollouts_for_failure_rate),
                     write_status=outputs.write_status, run_key=run_key(definition),
                     status_every_s=cfg.status_every_s, record_failures=cfg.route_failures_to_sidecar is not False,

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,7 @@ class DispatchDeadline:
     latency_p75_s: Callable[[], tuple[int, float]]
     on_stop: Callable[[str], None]
     clock: Callable[[], float] = time.monotonic
+    _stopped: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def from_settings(cls, dispatch_budget_s: float | None, drain_margin_s: float | None, shutdown_grace_s: float,
@@ -67,14 +68,25 @@ class DispatchDeadline:
         done, p75 = self.latency_p75_s()
         return p75 if done >= ADAPTIVE_MARGIN_AFTER else 0.0
 
+    def expired(self) -> bool:
+        """True once the deadline less the margin has passed (then and after; `on_stop` is called once)."""
+        if self.deadline is None:
+            return False
+        if self._stopped:
+            return True
+        left = self.deadline - self.clock()
+        if left > self.margin_s():
+            return False
+        self._stopped = True
+        self.on_stop(f"{REASON}: {max(0.0, left):.0f} s left, margin {self.margin_s():.0f} s")
+        return True
+
     def limit(self, requests: Iterator[T]) -> Iterator[T]:
         """`requests`, ending early when the deadline less the margin has passed."""
         if self.deadline is None:
             yield from requests
             return
         for request in requests:
-            left = self.deadline - self.clock()
-            if left <= self.margin_s():
-                self.on_stop(f"{REASON}: {max(0.0, left):.0f} s left, margin {self.margin_s():.0f} s")
+            if self.expired():
                 return
             yield request

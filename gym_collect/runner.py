@@ -3,7 +3,8 @@
 Task topology of `Runner.run`, all in one `asyncio.TaskGroup`:
 
     run
-    ├── dispatch     reads requests into a bounded per-backend read-ahead and starts the first one whose
+    ├── dispatch     reads requests for backends with room and nothing queued into a per-backend
+    │                backlog (bounded memory, the rest spilled to disk) and starts the first one whose
     │                backend has room in the in-flight limits (and, in input order, the reorder window)
     ├── rollout ×N   N <= the in-flight limits; attempts with retries (parked without a permit between
     │                them), reports each outcome to the limits, then hands it to the writer
@@ -19,14 +20,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from gym_collect.client import AgentClient
+from gym_collect.concurrency.backlog import DEFAULT_PER_BACKEND, Backlog
 from gym_collect.concurrency.cost import usage_cost
 from gym_collect.concurrency.limits import InFlightLimits
-from gym_collect.concurrency.read_ahead import ReadAhead
+from gym_collect.deadline import DispatchDeadline
 from gym_collect.errors import AgentTimeoutError, GymCollectError, RolloutError
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.nemo.failures import (
@@ -45,6 +47,7 @@ from gym_collect.writer import RolloutWriter, rollout_line
 log = logging.getLogger(__name__)
 
 PROGRESS_LOG_EVERY_S = 30.0
+YIELD_EVERY_READS = 256  # requests read between two turns of the event loop
 FAILURE_STOPS_RUN = "route_failures_to_sidecar=false and a rollout failed"
 
 
@@ -75,7 +78,12 @@ class Runner:
         result_fields: agent name -> fields set on each of its results and failure records (the
             environment server stamps).
         limits: the in-flight limits (per backend and in all); the runner acquires and reports.
-        read_ahead: requests read and not yet started, at most (memory bound), with several backends.
+        read_ahead_per_backend: requests read and not yet started held in memory per backend, at most
+            (more wait in a temporary file).
+        rollouts_by_agent: rollouts each agent gets in the selection (done ones included), so that
+            dispatch stops reading ahead for a backend whose rows are all read; None: unknown.
+        deadline: when to stop starting rollouts (a dispatch budget); requests read before it and not
+            started are left for resume.
         run_key: stable per run definition; with task and rollout it forms the `Idempotency-Key`.
         record_failures: write a rollout the collector gets no answer for to the failures file and go on
             (else stop the run there, writing nothing for it: `route_failures_to_sidecar=false`).
@@ -97,14 +105,18 @@ class Runner:
         run_key: str,
         status_every_s: float,
         clock: Callable[[], float] = time.monotonic,
-        read_ahead: int = 1024,
+        read_ahead_per_backend: int = DEFAULT_PER_BACKEND,
+        rollouts_by_agent: Mapping[str, int] | None = None,
+        deadline: DispatchDeadline | None = None,
         record_failures: bool = True,
     ) -> None:
         self.record_failures = record_failures
         self.client, self.agent_urls, self.writer = client, agent_urls, writer
         self.result_fields = result_fields or {}
         self.metrics, self.progress, self.policy = metrics, progress, policy
-        self.limits, self.read_ahead, self.budget = limits, read_ahead, budget
+        self.limits, self.budget = limits, budget
+        self.read_ahead_per_backend, self.rollouts_by_agent = read_ahead_per_backend, rollouts_by_agent
+        self.deadline = deadline
         self.write_status, self.run_key = write_status, run_key
         self.status_every_s, self.clock = status_every_s, clock
         self._paused_until: dict[str, float] = {}
@@ -153,31 +165,44 @@ class Runner:
             task.cancel()
 
     async def _dispatch(self, tg: asyncio.TaskGroup, requests: Iterator[RolloutRequest]) -> None:
-        # One backend: reading ahead finds nothing else to start, so hold one request (memory as before).
-        read_ahead = self.read_ahead if len(self.limits.backends) > 1 else 1
-        pending = ReadAhead[RolloutRequest](self.limits, read_ahead)
-        source = iter(requests)
-        exhausted = False
-        while True:
-            if not exhausted and not pending.full:
-                request = next(source, None)
-                if request is None:
-                    exhausted = True
-                else:
-                    pending.add(request.seq, self.limits.backend_of(request.agent_name), request)
-            while (pick := pending.next_startable()) is not None:
-                seq, backend = pick
-                await self.writer.wait_for_room(seq)  # output_order=input: within the reorder window
-                if not self.limits.has_room(backend):
-                    continue  # the limits changed while it waited
-                self.limits.take(backend)
-                task = tg.create_task(self._collect(pending.pop(backend)))
-                self._in_flight.add(task)
-                task.add_done_callback(self._in_flight.discard)
-            if exhausted and pending.size == 0:
-                return
-            if exhausted or pending.full:
-                await self.limits.wait_for_change()
+        remaining: dict[str, int] | None = None
+        if self.rollouts_by_agent is not None:
+            remaining = {}
+            for agent, count in self.rollouts_by_agent.items():
+                backend = self.limits.backend_of(agent)
+                remaining[backend] = remaining.get(backend, 0) + count
+        window = self.writer.window if self.writer.ordered else None
+        with Backlog[RolloutRequest](self.limits, self.read_ahead_per_backend, remaining=remaining,
+                                     max_span=window) as pending:
+            source = iter(requests)
+            exhausted = False
+            while True:
+                read = 0
+                while not exhausted and pending.wants_more():
+                    request = next(source, None)
+                    if request is None:
+                        exhausted = True
+                        break
+                    pending.add(request.seq, self.limits.backend_of(request.agent_name), request,
+                                counted=request.error is None)
+                    read += 1
+                    if read % YIELD_EVERY_READS == 0:
+                        await asyncio.sleep(0)  # reading far ahead for a starved backend: let answers in
+                while (pick := pending.next_startable()) is not None:
+                    seq, backend = pick
+                    await self.writer.wait_for_room(seq)  # output_order=input: within the reorder window
+                    if self.deadline is not None and self.deadline.expired():
+                        return  # what was read and not started is left for resume
+                    if not self.limits.has_room(backend):
+                        continue  # the limits changed while it waited
+                    self.limits.take(backend)
+                    task = tg.create_task(self._collect(pending.pop(backend)))
+                    self._in_flight.add(task)
+                    task.add_done_callback(self._in_flight.discard)
+                if exhausted and pending.size == 0:
+                    return
+                if exhausted or not pending.wants_more():
+                    await self.limits.wait_for_change()
 
     async def _collect(self, request: RolloutRequest) -> None:
         try:

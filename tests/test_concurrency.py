@@ -1,6 +1,6 @@
 """The in-flight limits as pure objects: slow start, the work-normalized signal, each backend regime in
-simulated time, per-backend limits and read-ahead, parsing `num_samples_in_parallel`; then the runner
-against two real simulated agents on 127.0.0.1 (no head-of-line blocking)."""
+simulated time, per-backend limits, parsing `num_samples_in_parallel`; then the runner against two real
+simulated agents on 127.0.0.1 (no head-of-line blocking; more in `test_dispatch`)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from gym_collect.collect import collect
 from gym_collect.concurrency.cost import usage_cost
 from gym_collect.concurrency.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.concurrency.limits import InFlightLimits
-from gym_collect.concurrency.read_ahead import ReadAhead
 from gym_collect.concurrency.sim import SimBackend, SimResult, simulate, simulate_closed_loop
 from gym_collect.concurrency.slow_start import SlowStart
 from gym_collect.concurrency.spec import ParallelismSpec, parse_parallelism
@@ -150,21 +149,7 @@ def test_two_backends_get_a_limit_each() -> None:
     assert small.limit <= 24 and big.limit >= 100
 
 
-# ------------------------------------------------------------------------ limits, read-ahead and spec
-
-
-def test_a_backend_at_its_limit_does_not_hold_back_another() -> None:
-    limits = InFlightLimits({"a": "a", "b": "b"}, {"a": 1, "b": 2}, shared=None)
-    rows = ReadAhead[str](limits, capacity=10)
-    for seq, backend in enumerate("aaab"):
-        rows.add(seq, backend, f"{backend}{seq}")
-    started = []
-    while (pick := rows.next_startable()) is not None:
-        limits.take(pick[1])
-        started.append(rows.pop(pick[1]))
-    assert started == ["a0", "b3"]
-    limits.release("a")
-    assert rows.next_startable() == (1, "a")
+# ------------------------------------------------------------------------------------- limits and spec
 
 
 def test_shared_bound_and_parked_retries() -> None:

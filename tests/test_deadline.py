@@ -27,6 +27,15 @@ def test_a_fixed_margin_stops_dispatch_before_the_deadline() -> None:
     assert len(reasons) == 1 and reasons[0].startswith("dispatch budget spent")
 
 
+def test_expired_stays_expired_and_reports_once() -> None:
+    now, reasons = [0.0], []
+    deadline = DispatchDeadline(10.0, 2.0, lambda: (0, 0.0), reasons.append, clock=lambda: now[0])
+    assert not deadline.expired()
+    now[0] = 8.0
+    assert deadline.expired() and deadline.expired()
+    assert run(deadline, now, 1.0) == [] and len(reasons) == 1
+
+
 def test_the_adaptive_margin_is_the_observed_p75_after_five_rollouts() -> None:
     now, observed = [0.0], [0]
     deadline = DispatchDeadline(10.0, None, lambda: (observed[0], 4.0), lambda r: None, clock=lambda: now[0])

@@ -1,6 +1,6 @@
 """A closed-loop simulation of the in-flight limits against modelled backends, in simulated time (no
-sleeping), for tests and benchmarks: the same `InFlightLimits`, `AdaptiveLimit` and `ReadAhead` the runner
-uses decide what starts."""
+sleeping), for tests and benchmarks: the same `InFlightLimits`, `AdaptiveLimit` and `Backlog` the runner
+uses decide what is read and what starts."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gym_collect.concurrency.backlog import DEFAULT_PER_BACKEND, Backlog
 from gym_collect.concurrency.limiter import AdaptiveLimit
 from gym_collect.concurrency.limits import InFlightLimits
-from gym_collect.concurrency.read_ahead import ReadAhead
 
 
 @dataclass
@@ -65,7 +65,8 @@ class SimBackend:
 @dataclass
 class SimResult:
     """Outcome of a simulation: successes as (done_s, latency_s), 429 times (s), the limit in all as
-    (time_s, limit) at changes; `backends` and `work_s` give each success's backend and work (s)."""
+    (time_s, limit) at changes; `backends` and `work_s` give each success's backend and work (s);
+    `peak_backlog` the most rows read and not started held in memory at once."""
 
     successes: list[tuple[float, float]]
     overloads: list[float]
@@ -73,6 +74,7 @@ class SimResult:
     backends: list[str] = dataclasses.field(default_factory=list)
     work_s: list[float] = dataclasses.field(default_factory=list)
     serving: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    peak_backlog: int = 0
 
     def served_per_s(self, start_s: float, end_s: float) -> float:
         """Seconds of work the backends delivered per second during [start_s, end_s), finished or not (the
@@ -191,13 +193,15 @@ def simulate(
     seconds: float,
     pattern: Sequence[str] | None = None,
     retry_wait_s: float = 0.0,
-    read_ahead: int = 1024,
+    read_ahead_per_backend: int = DEFAULT_PER_BACKEND,
 ) -> SimResult:
     """Closed-loop clients keep as many requests in flight as `limits` allow, for `seconds` of simulated
     time; deterministic for given seeds. No clock, no asyncio.
 
     Rows arrive in `pattern`'s order of backend keys, repeated without end (default: the keys of
-    `backends` in turn), through a `ReadAhead` of `read_ahead` rows, as the runner dispatches them.
+    `backends` in turn), through a `Backlog` holding `read_ahead_per_backend` rows a backend in memory (the
+    rest in its spill file), as the runner dispatches them; `SimResult.peak_backlog` is the most it held in
+    memory.
     Successes are reported to `limits` with their latency (from the attempt's send, queueing included) and,
     when the backend reports usage, their cost; 429s as overloads. After a 429 the request parks for
     `retry_wait_s` and retries before new requests, as the runner's retries do; with 0 it is dropped and its
@@ -205,7 +209,7 @@ def simulate(
     """
     served = {key: _Served(cfg) for key, cfg in backends.items()}
     order = list(pattern) if pattern is not None else list(backends)
-    rows = ReadAhead[_Request](limits, read_ahead)
+    rows = Backlog[_Request](limits, read_ahead_per_backend)
     events: list[tuple[float, int, int, str, Any]] = []
     result = SimResult(successes=[], overloads=[], limits=[])
     seq = itertools.count()
@@ -254,7 +258,7 @@ def simulate(
                 limits.resume(backend)
                 send(state.retries.popleft(), now_s)
         while True:
-            while not rows.full:
+            while rows.wants_more():
                 backend = order[next_row % len(order)]
                 rows.add(next_row, backend, _Request(next_row, backend))
                 next_row += 1
@@ -275,41 +279,43 @@ def simulate(
             push(when_s, _SET_CAPACITY, key, cap)
         for when_s, service_s in cfg.service_time_changes:
             push(when_s, _SET_SERVICE, key, service_s)
-    admit(0.0)
-    while events and events[0][0] <= seconds:
-        now_s, _, kind, backend, value = heapq.heappop(events)
-        state = served[backend]
-        if kind == _SET_SERVICE:
-            state.service_time_s = value
-        elif kind == _SET_CAPACITY:
-            state.advance(now_s)
-            state.capacity = int(value)
-            reschedule(state, backend, now_s)
-        elif kind == _RESEND:
-            state.retries.append(value)
-        elif kind == _DONE:
-            state.busy -= 1
-            succeed(value, now_s)
-        elif kind == _TICK:
-            if value != state.version:
-                continue
-            state.advance(now_s)
-            while state.shared and state.shared[0][0] <= state.virtual_s + 1e-9:
-                succeed(heapq.heappop(state.shared)[2], now_s)
-            reschedule(state, backend, now_s)
-        else:
-            result.overloads.append(now_s)
-            limits.report_overload(backend, now_s)
-            if retry_wait_s > 0.0:
-                limits.park(backend)
-                push(now_s + retry_wait_s, _RESEND, backend, value)
+    with rows:  # removes its spill files
+        admit(0.0)
+        while events and events[0][0] <= seconds:
+            now_s, _, kind, backend, value = heapq.heappop(events)
+            state = served[backend]
+            if kind == _SET_SERVICE:
+                state.service_time_s = value
+            elif kind == _SET_CAPACITY:
+                state.advance(now_s)
+                state.capacity = int(value)
+                reschedule(state, backend, now_s)
+            elif kind == _RESEND:
+                state.retries.append(value)
+            elif kind == _DONE:
+                state.busy -= 1
+                succeed(value, now_s)
+            elif kind == _TICK:
+                if value != state.version:
+                    continue
+                state.advance(now_s)
+                while state.shared and state.shared[0][0] <= state.virtual_s + 1e-9:
+                    succeed(heapq.heappop(state.shared)[2], now_s)
+                reschedule(state, backend, now_s)
             else:
-                limits.release(backend)
-        while state.queue and state.busy < state.capacity:
-            state.busy += 1
-            request = state.queue.popleft()
-            push(now_s + request.work_s, _DONE, backend, request)
-        admit(now_s)
+                result.overloads.append(now_s)
+                limits.report_overload(backend, now_s)
+                if retry_wait_s > 0.0:
+                    limits.park(backend)
+                    push(now_s + retry_wait_s, _RESEND, backend, value)
+                else:
+                    limits.release(backend)
+            while state.queue and state.busy < state.capacity:
+                state.busy += 1
+                request = state.queue.popleft()
+                push(now_s + request.work_s, _DONE, backend, request)
+            admit(now_s)
+    result.peak_backlog = rows.peak_in_memory
     return result
 
 
