@@ -219,7 +219,8 @@ class SimAgent:
         return f"http://{self.host}:{self.port}"
 
     async def __aenter__(self) -> "SimAgent":
-        app = web.Application(client_max_size=256 * 1024**2)
+        # a run's /aggregate_metrics body holds every rollout's fields (about 700 MB at a million rollouts)
+        app = web.Application(client_max_size=4 * 1024**3)
         app.router.add_post("/run", self._handle_run)
         app.router.add_post("/aggregate_metrics", self._handle_aggregate_metrics)
         app.router.add_get("/health", self._handle_health)

@@ -214,3 +214,22 @@ def test_t_quantile_rejects_out_of_range() -> None:
     for p, df in ((0.0, 3), (1.0, 3), (0.9, 0), (0.9, -1)):
         with pytest.raises(ValueError):
             t_quantile(p, df)
+
+
+@FAST
+@given(runs())
+def test_spooled_groups_are_the_same_groups_without_holding_them(rows: list[dict[str, Any]]) -> None:
+    held = default_aggregate_metrics(rows)
+    spooled = default_aggregate_metrics(iter(rows), spool_groups=True)
+    groups = spooled.pop("group_level_metrics")
+    try:
+        assert orjson.loads(orjson.dumps(list(groups))) == orjson.loads(orjson.dumps(held.pop("group_level_metrics")))
+        assert list(groups) == list(groups)  # read again from the start
+    finally:
+        groups.close()
+    assert spooled == held
+
+
+def test_spooled_groups_need_increasing_tasks() -> None:
+    with pytest.raises(ValueError, match="come after task 1"):
+        default_aggregate_metrics([row(1, 0, reward=1.0), row(0, 0, reward=0.0)], spool_groups=True)

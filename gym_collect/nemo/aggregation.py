@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
@@ -32,6 +33,7 @@ from gym_collect.nemo.head import AGENT_TYPE, ENVIRONMENT_TYPE, HeadDocument
 from gym_collect.nemo.metric_inputs import DEFAULT_SORT_BUFFER_BYTES, Grouper, GroupRows, MetricInputs, MetricSources
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, Route
 from gym_collect.redact import display_url
+from gym_collect.spooled import StreamedList
 from gym_collect.writer import OutputPaths, replace_atomic
 
 log = logging.getLogger(__name__)
@@ -207,7 +209,7 @@ async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSourc
     finally:
         for entry in entries:
             for value in entry.values():
-                if isinstance(value, _Spooled):
+                if isinstance(value, StreamedList):
                     value.close()
     for entry in entries:
         log.info("Key metrics for %s: %s", entry[AGENT_REF_KEY]["name"], orjson.dumps(entry["key_metrics"]).decode())
@@ -215,7 +217,7 @@ async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSourc
     return [{key: value for key, value in entry.items() if key not in PER_TASK_FIELDS} for entry in entries]
 
 
-class _Spooled:
+class _Spooled(StreamedList):
     """A list field of a server's answer left in the answer's temporary file: its items are read back one by
     one (ijson) when the file is written, so an answer with a group per task never sits in memory whole."""
 
@@ -238,7 +240,7 @@ def _file_chunks(entries: list[dict[str, Any]]) -> Iterator[bytes]:
         yield b"  {\n"
         for m, (key, value) in enumerate(entry.items()):
             yield b"    " + orjson.dumps(key) + b": "
-            if isinstance(value, _Spooled):
+            if isinstance(value, StreamedList):
                 empty = True
                 for item in value:
                     yield (b"[\n" if empty else b",\n") + b"      " + _indented(item, 3)
@@ -275,7 +277,7 @@ async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, 
             except _Unanswered as exc:
                 log.warning("%s", redact(f"{shown}: POST {ENDPOINT} {exc}; the entry of {label} is {LOCAL_NOTE}"))
     try:
-        document = await asyncio.to_thread(default_aggregate_metrics, group.rows())
+        document = await asyncio.to_thread(partial(default_aggregate_metrics, group.rows(), spool_groups=True))
         if (problem := _shape_problem(document)) is not None:
             raise ValueError(problem)
     except Exception as exc:  # a bad row must not cost the other groups their entries
@@ -389,7 +391,7 @@ def _shape_problem(document: Any) -> str | None:
         return f"a JSON {type(document).__name__}, not an object"
     for key, kind in METRIC_FIELDS:
         value = document.get(key, kind())
-        if not isinstance(value, kind):
+        if not isinstance(value, StreamedList | kind):
             return f"{key} is not a JSON {'object' if kind is dict else 'array'}"
         if isinstance(value, list) and not all(isinstance(item, dict) for item in value):
             return f"{key} holds something that is not an object"

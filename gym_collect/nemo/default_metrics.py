@@ -24,6 +24,7 @@ from typing import Any
 from gym_collect.nemo.perf_summary import PerfSummary
 from gym_collect.nemo.rows import ROLLOUT_INDEX_KEY, TASK_INDEX_KEY
 from gym_collect.sample_stats import mean, median, quantile, sample_std, t_quantile
+from gym_collect.spooled import SpooledList
 
 __all__ = ["default_aggregate_metrics", "verify_response"]
 
@@ -59,7 +60,8 @@ def verify_response(rollout: Mapping[str, Any]) -> dict[str, Any]:
     return entry
 
 
-def default_aggregate_metrics(verify_responses: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+def default_aggregate_metrics(verify_responses: Iterable[Mapping[str, Any]], *,
+                              spool_groups: bool = False) -> dict[str, Any]:
     """NeMo Gym's `AggregateMetrics` for `verify_responses`, as the server's JSON answer holds it.
 
     Returns `{"group_level_metrics": [...], "agent_metrics": {...}, "key_metrics": {...}, "perf_summary": dict or
@@ -77,12 +79,17 @@ def default_aggregate_metrics(verify_responses: Iterable[Mapping[str, Any]]) -> 
     run-wide medians and quantiles need (at the end, one field's values at a time as a sorted list); `ng_perf`
     values, when rollouts carry them, in lists.
 
+    With `spool_groups`, `group_level_metrics` is a `SpooledList` (one entry per task, kept in a temporary file,
+    the caller closes it) and the tasks must come in increasing order, as the collector sorts them: memory then
+    holds no per-task state at all beyond the current task.
+
     Raises:
-        ValueError: a task's rows are not consecutive; two scored rows share (task, rollout index), or a scored
+        ValueError: a task's rows are not consecutive (with `spool_groups`: tasks not in increasing order);
+            two scored rows share (task, rollout index), or a scored
             and a masked one do (NeMo Gym's server answers 500 there); a `response` or its `usage` is not an
             object.
     """
-    acc = _Aggregate()
+    acc = _Aggregate(spool_groups)
     for vr in verify_responses:
         acc.add(vr)
     return acc.result()
@@ -129,12 +136,13 @@ class _Repeat:
 class _Aggregate:
     """`compute_aggregate_metrics`, fed one verify response at a time."""
 
-    def __init__(self) -> None:
+    def __init__(self, spool_groups: bool = False) -> None:
+        self.spool_groups = spool_groups
         self.responses = self.masked = self.tasks_total = self.tasks_measured = 0
         self.rollout_indices: set[Any] = set()
         self.seen_tasks: set[Any] = set()
         self.task: _Task | None = None
-        self.groups: list[dict[str, Any]] = []
+        self.groups: list[dict[str, Any]] | SpooledList = SpooledList() if spool_groups else []
         self.fields: dict[str, _Field] = {}
         self.repeats: dict[Any, _Repeat] = {}
         self.perf = PerfSummary()
@@ -142,11 +150,17 @@ class _Aggregate:
     def add(self, vr: Mapping[str, Any]) -> None:
         task_index, rollout_index = vr.get(TASK_INDEX_KEY, 0), vr.get(ROLLOUT_INDEX_KEY, 0)
         if self.task is None or task_index != self.task.index:
+            previous = self.task.index if self.task is not None else None
             self._close_task()
-            if task_index in self.seen_tasks:
+            if self.spool_groups:  # increasing order: no set of every task seen
+                if previous is not None and not previous < task_index:
+                    raise ValueError(f"verify responses of task {task_index!r} come after task {previous!r}; sort "
+                                     f"them by ({TASK_INDEX_KEY}, {ROLLOUT_INDEX_KEY})")
+            elif task_index in self.seen_tasks:
                 raise ValueError(f"verify responses of task {task_index!r} are not consecutive; sort them by "
                                  f"({TASK_INDEX_KEY}, {ROLLOUT_INDEX_KEY})")
-            self.seen_tasks.add(task_index)
+            else:
+                self.seen_tasks.add(task_index)
             self.task = _Task(task_index)
         task = self.task
         self.responses += 1
@@ -209,8 +223,9 @@ class _Aggregate:
         self._close_task()
         scored = self.responses - self.masked
         perf_summary = self.perf.summary()
-        out: dict[str, Any] = {"group_level_metrics": [], "agent_metrics": {}, "key_metrics": {},
-                               "perf_summary": perf_summary, "repeat_level_metrics": []}
+        # no scored row leaves the groups empty: a spooled one stays the (empty) SpooledList the caller closes
+        out: dict[str, Any] = {"group_level_metrics": self.groups if self.spool_groups else [], "agent_metrics": {},
+                               "key_metrics": {}, "perf_summary": perf_summary, "repeat_level_metrics": []}
         if not self.responses:
             return out
         coverage = {} if not self.masked else {  # reward_profile.py:928-950
@@ -238,7 +253,8 @@ class _Aggregate:
         agent["num_repeats"] = len(self.rollout_indices)  # reward_profile.py:1203, masked rows included
         key_metrics = {k: v for k, v in agent.items() if k.startswith("mean/")}  # reward_profile.py:829-834
         key_metrics.update(coverage)
-        self.groups.sort(key=lambda group: group[TASK_INDEX_KEY])
+        if isinstance(self.groups, list):
+            self.groups.sort(key=lambda group: group[TASK_INDEX_KEY])
         out.update(group_level_metrics=self.groups, agent_metrics=agent, key_metrics=key_metrics,
                    repeat_level_metrics=repeats)
         return out
