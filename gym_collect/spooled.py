@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -32,6 +32,7 @@ class SpooledList(StreamedList):
     def __init__(self) -> None:
         self._file = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
         self.count = 0
+        self.map: Callable[[Any], Any] | None = None  # applied to each item as it is read back
 
     def append(self, item: Any) -> None:
         """Add one JSON-serialisable item at the end."""
@@ -44,7 +45,8 @@ class SpooledList(StreamedList):
     def __iter__(self) -> Iterator[Any]:
         self._file.seek(0)
         for _ in range(self.count):
-            yield orjson.loads(self._file.readline())
+            item = orjson.loads(self._file.readline())
+            yield item if self.map is None else self.map(item)
 
     def close(self) -> None:
         self._file.close()

@@ -243,10 +243,12 @@ class _Aggregate:
             agent.update(_describe(name, xs, field.min, field.max, scored))
         # pandas' per-stat Series has one dtype: int64 only if every column is (reward_profile.py:186-213)
         if not all(f.is_int and f.count == scored for f in self.fields.values()):
-            for metrics in (*self.groups, agent):
-                for key in metrics:
-                    if key.startswith(("max/", "min/")):
-                        metrics[key] = float(metrics[key])
+            _max_min_as_float(agent)
+            if isinstance(self.groups, list):
+                for group in self.groups:
+                    _max_min_as_float(group)
+            else:
+                self.groups.map = _max_min_as_float  # applied as each spooled group is read back
         repeats = self._repeat_level() if len(self.repeats) > 1 else []
         agent.update(self._across_repeats(repeats))
         agent.update(coverage)
@@ -297,6 +299,13 @@ class _Aggregate:
                         f"max_across_repeats/{key}": xs[-1], f"se_across_repeats/{key}": se})
             out.update(_interval("_across_repeats/", key, m, se, n))
         return out
+
+
+def _max_min_as_float(metrics: dict[str, Any]) -> dict[str, Any]:
+    for key in metrics:
+        if key.startswith(("max/", "min/")):
+            metrics[key] = float(metrics[key])
+    return metrics
 
 
 def _mapping(value: Any, what: str) -> Mapping[str, Any]:
