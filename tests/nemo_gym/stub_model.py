@@ -17,7 +17,6 @@ Endpoints: `GET /v1/models` (probed by `gym env start`), `POST /v1/responses`. L
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import threading
@@ -25,6 +24,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+
+from tests.servers import LoopbackServer
 
 FAIL_MARKER = "CONFORMANCE_FAIL_400"
 MODEL_NAME = "stub"
@@ -126,7 +127,8 @@ def respond(body: dict[str, Any], fail_marked: bool = True) -> tuple[int, dict[s
 
 
 class StubModel:
-    """The stub as an aiohttp server in a daemon thread with its own event loop (usable from synchronous tests).
+    """The stub as an aiohttp server in a daemon thread with its own event loop (usable from synchronous tests):
+    a `tests.servers.LoopbackServer` serving `GET /v1/models` and `POST /v1/responses`.
 
     `with StubModel() as stub: stub.base_url` ("http://127.0.0.1:PORT/v1"). `take_requests()` returns and clears
     the `/v1/responses` bodies received so far, in arrival order. `fail_marked` (default True) switches the
@@ -134,15 +136,10 @@ class StubModel:
     thread of the test process, never outlives it.
     """
 
-    def __init__(self, start_timeout_s: float = 10.0) -> None:
-        self._start_timeout_s = start_timeout_s
-        self._ready = threading.Event()
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._requests: list[dict[str, Any]] = []
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._server = LoopbackServer({"GET /v1/models": self._models, "POST /v1/responses": self._responses})
         self.port = 0
         self.fail_marked = True
 
@@ -168,39 +165,10 @@ class StubModel:
         status, answer = respond(body, self.fail_marked)
         return web.json_response(answer, status=status)
 
-    async def _main(self) -> None:
-        try:
-            self._loop = asyncio.get_running_loop()
-            self._stop = asyncio.Event()
-            app = web.Application(client_max_size=64 * 2**20)
-            app.router.add_get("/v1/models", self._models)
-            app.router.add_post("/v1/responses", self._responses)
-            runner = web.AppRunner(app, access_log=None)
-            await runner.setup()
-            site = web.TCPSite(runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = runner.addresses[0][1]
-        except BaseException as exc:
-            self._error = exc
-            self._ready.set()
-            raise
-        self._ready.set()
-        try:
-            await self._stop.wait()
-        finally:
-            await runner.cleanup()
-
     def __enter__(self) -> StubModel:
-        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), name="stub_model", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(self._start_timeout_s):
-            raise TimeoutError(f"stub model did not start within {self._start_timeout_s} s")
-        if self._error is not None:
-            raise self._error
+        self._server.__enter__()
+        self.port = int(self._server.url.rsplit(":", 1)[1])
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        if self._thread is not None:
-            self._thread.join(timeout=10.0)
+        self._server.__exit__(*exc_info)
