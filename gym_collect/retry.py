@@ -44,8 +44,8 @@ def error_for_status(status: int, retry_after: str | None, message: str, *, body
         message += " (a client error wrapped in a 500: retrying cannot heal it)"
     elif status in RETRYABLE_STATUSES:
         kind = TransientRolloutError
-    return kind(message, status=status, retry_after_s=parse_retry_after(retry_after) if kind is not
-                PermanentRolloutError else None, failure_type="ClientResponseError",
+    retry_after_s = parse_retry_after(retry_after) if kind is TransientRolloutError else None
+    return kind(message, status=status, retry_after_s=retry_after_s, failure_type="ClientResponseError",
                 failure_message=failure_message, response_body=body or None)
 
 
