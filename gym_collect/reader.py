@@ -59,14 +59,13 @@ class RolloutRequest:
     stamps: dict[str, Any] | None = None  # fields of the row set on its result (NeMo Gym's task_source...)
     route: str | None = None  # the routing key, when it is not the `agent_ref` name (episode requests)
     attempt: int = 0  # NeMo Gym's `_ng_attempt_index`: attempts of this pair in earlier runs
+    # the agent this request goes to (`UNNAMED_AGENT` for rows sent to `agent_url` as they are, without an
+    # `agent_ref`); set once, read at every step of the request's life
+    agent_name: str = field(init=False)
 
-    @property
-    def agent_name(self) -> str:
-        """The name of the agent this request goes to (`UNNAMED_AGENT` for rows sent to `agent_url` as they
-        are, without an `agent_ref`)."""
-        if self.route is not None:
-            return self.route
-        return UNNAMED_AGENT if self.agent_ref is None else str(self.agent_ref["name"])
+    def __post_init__(self) -> None:
+        self.agent_name = self.route if self.route is not None else (
+            UNNAMED_AGENT if self.agent_ref is None else str(self.agent_ref["name"]))
 
 
 @dataclass(frozen=True, slots=True)

@@ -242,8 +242,10 @@ class Runner:
                           request.rollout_index, wait_s, error.error_class)
                 await self.limits.retry_wait(backend, wait_s)  # no permit held while waiting
                 continue
-            latency_s = self.clock() - start
-            self.limits.report_success(backend, latency_s, usage_cost(answer), self.clock())
+            now = self.clock()
+            latency_s = now - start
+            cost = usage_cost(answer) if self.limits.adaptive(backend) is not None else None
+            self.limits.report_success(backend, latency_s, cost, now)
             self._deliver(request, answer, latency_s)
             return
 

@@ -224,6 +224,7 @@ class SimAgent:
         app.router.add_post("/run", self._handle_run)
         app.router.add_post("/aggregate_metrics", self._handle_aggregate_metrics)
         app.router.add_get("/health", self._handle_health)
+        app.router.add_get("/stats", self._handle_stats)
         if self._head_server:
             app.router.add_get("/global_config_dict_yaml", self._handle_head)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.25)
@@ -372,6 +373,13 @@ class SimAgent:
 
     async def _handle_health(self, request: web.Request) -> web.Response:
         return web.Response(text="ok")
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        """The traffic counters, for a client in another process: ``{"requests", "max_in_flight",
+        "statuses": {status: count}}``."""
+        stats = self.stats
+        return web.json_response({"requests": stats.requests, "max_in_flight": stats.max_in_flight,
+                                  "statuses": {str(k): v for k, v in stats.statuses.items()}})
 
     async def _handle_head(self, request: web.Request) -> web.Response:
         server = {"host": "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host, "port": self.port}

@@ -15,6 +15,7 @@ from typing import Any
 __all__ = ["MASK_SAMPLE_KEY", "FieldStats", "LatencyHistogram", "NumericFieldStats"]
 
 MASK_SAMPLE_KEY = "mask_sample"  # NeMo Gym's flag for a rollout whose reward is not a measurement
+_NO_USAGE: dict[str, Any] = {}
 
 
 def _get(d: Mapping[str, object], key: str, what: str) -> object:
@@ -233,7 +234,10 @@ class FieldStats:
         """Add one finite value. Raises ValueError on NaN or infinity."""
         if not math.isfinite(x):
             raise ValueError(f"value must be finite, got {x!r}")
-        x = float(x)
+        self.add_finite(float(x))
+
+    def add_finite(self, x: float) -> None:
+        """Add one value already known to be a finite float."""
         n = self.count + 1
         if n == 1:
             self.min = self.max = x
@@ -320,24 +324,28 @@ class NumericFieldStats:
         if fields is None:
             fields = self.agents[agent] = {}
         response = rollout.get("response")
-        usage = response.get("usage") if isinstance(response, Mapping) else None
-        if not isinstance(usage, Mapping):
-            usage = {}
-        for source in (rollout, usage):
+        usage = response.get("usage") if type(response) is dict else None
+        if type(usage) is not dict:
+            usage = _NO_USAGE
+        for source, shadowed in ((rollout, usage), (usage, _NO_USAGE)):
             for key, value in source.items():
-                if (not isinstance(value, int | float) or key.startswith("_") or key == MASK_SAMPLE_KEY
-                        or (source is rollout and key in usage)):
+                kind = type(value)  # JSON values: exact types, so no isinstance walk on the hot path
+                if kind is float:
+                    if not math.isfinite(value):
+                        continue
+                elif kind is int or kind is bool:
+                    try:
+                        value = float(value)
+                    except OverflowError:
+                        continue
+                else:
                     continue
-                try:
-                    x = float(value)
-                except OverflowError:
-                    continue
-                if not math.isfinite(x):
+                if key[:1] == "_" or key == MASK_SAMPLE_KEY or key in shadowed:
                     continue
                 stats = fields.get(key)
                 if stats is None:
                     stats = fields[key] = FieldStats()
-                stats.add(x)
+                stats.add_finite(value)
         return True
 
     def merge(self, other: NumericFieldStats) -> None:

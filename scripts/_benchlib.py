@@ -152,14 +152,21 @@ def _size(path: Path | None) -> int:
 class SimServer:
     """`python -m gym_collect.sim_agent --port 0 ...` in its own process; `url` once entered.
 
-    `flags` are the sim's options without dashes (`capacity=64`, `service_time_s=0.1`). Raises
+    `flags` are the sim's options without dashes (`capacity=64`, `service_time_s=0.1`; booleans as
+    `--x`/`--no-x`, None as `none`); `agent_names` are the agents its head document names. Raises
     `RuntimeError` when it does not print its listening line within `SIM_START_TIMEOUT_S`.
     """
 
-    def __init__(self, log_path: Path, **flags: Any) -> None:
+    def __init__(self, log_path: Path, agent_names: Sequence[str] = (), **flags: Any) -> None:
         self.cmd = [sys.executable, "-m", "gym_collect.sim_agent", "--port", "0"]
+        for name in agent_names:
+            self.cmd += ["--agent-name", name]
         for name, value in flags.items():
-            self.cmd += ["--" + name.replace("_", "-"), str(value)]
+            flag = name.replace("_", "-")
+            if isinstance(value, bool):
+                self.cmd.append(f"--{flag}" if value else f"--no-{flag}")
+            else:
+                self.cmd += ["--" + flag, "none" if value is None else str(value)]
         self.log_path = log_path
         self.url = ""
         self._proc: subprocess.Popen[bytes] | None = None

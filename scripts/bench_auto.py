@@ -17,7 +17,9 @@ runner uses; seconds of compute, hours of simulated time):
 5. halving: capacity 64 -> 32 (degrading): ratio (>= 0.95), round trips until the limit is within 1.5x
    of the new capacity (<= 10).
 
-Real time, the collector against the simulated agent on 127.0.0.1 (`--realtime`): scenarios 2-4 at 100 ms,
+Real time, the collector against the simulated agent on 127.0.0.1 (`--realtime`), each simulated agent in its
+own process as a real backend is (so the collector's event loop measures the backend, not its own load):
+scenarios 2-4 at 100 ms,
 and 6, the earlier short scenarios (gpu, rate_limited, halving; targets >= 0.90). Scenario 4's runs end at
 a dispatch budget while both backends still have rows, and compare rollouts/s from the first request.
 
@@ -29,22 +31,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import orjson
+from _benchlib import SimServer
 
 from gym_collect.collect import collect
 from gym_collect.concurrency.limiter import AdaptiveLimit, AdaptiveLimitConfig
 from gym_collect.concurrency.limits import InFlightLimits
 from gym_collect.concurrency.sim import SimBackend, SimResult, simulate
 from gym_collect.config import AutoConfig, CollectConfig
-from gym_collect.sim_agent import SimAgent, SimAgentConfig
+from gym_collect.sim_agent import SimAgentConfig
 
 Figure = tuple[str, float | None, str, bool]
 SIM_SCENARIOS = ("long", "degrading", "rate_limited", "two_backends", "halving")
@@ -60,12 +66,29 @@ class Run:
     sim_started_offset_s: float
 
 
+def sim_process(work: Path, label: str, config: SimAgentConfig, agent_names: Sequence[str] = ("sim_agent",),
+                ) -> SimServer:
+    """The simulated agent with `config` in its own process (as a real backend is): the collector's event loop
+    then carries the collector alone, so the latency it measures is the backend's, not its own queueing."""
+    defaults = SimAgentConfig()
+    flags = {f.name: getattr(config, f.name) for f in dataclasses.fields(SimAgentConfig)
+             if getattr(config, f.name) != getattr(defaults, f.name)}
+    return SimServer(work / f"{label}.sim.log", agent_names=agent_names, **flags)
+
+
+async def sim_stats(url: str) -> dict[str, Any]:
+    """A simulated agent's traffic counters (`GET /stats`)."""
+    async with aiohttp.ClientSession() as session, session.get(url + "/stats") as resp:
+        stats: dict[str, Any] = await resp.json()
+    return stats
+
+
 async def run_once(work: Path, label: str, sim_cfg: SimAgentConfig, parallel: int | str, rows: int) -> Run:
-    """One collection of `rows` rows at `parallel` against a fresh simulated agent."""
+    """One collection of `rows` rows at `parallel` against a fresh simulated agent in its own process."""
     inp = work / f"{label}.in.jsonl"
     inp.write_bytes(b"".join(orjson.dumps({"responses_create_params": {"input": f"q{i}"}}) + b"\n"
                              for i in range(rows)))
-    async with SimAgent(sim_cfg) as sim:
+    with sim_process(work, label, sim_cfg) as sim:
         sim_started = time.monotonic()
         cfg = CollectConfig(input_jsonl_fpath=str(inp), output_jsonl_fpath=str(work / f"{label}.jsonl"),
                             agent_name="sim_agent", agent_url=sim.url, num_samples_in_parallel=parallel,
@@ -73,8 +96,8 @@ async def run_once(work: Path, label: str, sim_cfg: SimAgentConfig, parallel: in
                             max_attempts=20, backoff_initial_s=0.05, backoff_max_s=1.0)
         collector_started = time.monotonic()
         result = await collect(cfg)
-        requests = max(1, sim.stats.requests)
-        share_429 = sim.stats.statuses[429] / requests
+        stats = await sim_stats(sim.url)
+        share_429 = stats["statuses"].get("429", 0) / max(1, stats["requests"])
     metrics: dict[str, Any] = result.metrics or {}
     history = [(float(t), int(limit)) for t, limit in metrics.get("limit_history", [])]
     return Run(label, metrics["rollouts_per_s"], metrics["latency_s"]["p99"], share_429, history,
@@ -277,7 +300,8 @@ async def rt_two_backends(work: Path, seconds: float) -> list[Figure]:
     big = SimAgentConfig(capacity=128, service_time_s=0.1, service_sigma=0.2, mode="gpu", degrade=0.5, seed=6)
 
     async def one(label: str, parallel: Any) -> float:
-        async with SimAgent(small, agent_names=["small"]) as sim_s, SimAgent(big, agent_names=["big"]) as sim_b:
+        with sim_process(work, f"{label}-small", small, ["small"]) as sim_s, \
+                sim_process(work, f"{label}-big", big, ["big"]) as sim_b:
             cfg = CollectConfig(input_jsonl_fpath=str(inp), output_jsonl_fpath=str(work / f"{label}.jsonl"),
                                 agents={"small": sim_s.url, "big": sim_b.url}, num_samples_in_parallel=parallel,
                                 progress=False, overwrite=True, max_attempts=20, backoff_initial_s=0.05,
@@ -295,16 +319,18 @@ async def rt_two_backends(work: Path, seconds: float) -> list[Figure]:
              auto / shared[best_shared] >= 1.3)]
 
 
-async def realtime(quick: bool) -> list[Figure]:
+async def realtime(quick: bool, chosen: Sequence[str]) -> list[Figure]:
+    """The real-time runs of the `chosen` scenarios (the short GPU-like one when all are chosen)."""
     seconds = 8 if quick else 30
     work = Path(tempfile.mkdtemp(prefix="gym_collect_bench_auto_"))
     rows = int(320 * seconds)
+    runs = {"degrading": lambda: rt_degrading(work, seconds), "rate_limited": lambda: bench_rate_limited(work, rows),
+            "two_backends": lambda: rt_two_backends(work, seconds), "gpu": lambda: bench_gpu(work, rows, seconds),
+            "halving": lambda: bench_halving(work, seconds)}
     figures: list[Figure] = []
-    figures += await rt_degrading(work, seconds)
-    figures += await bench_rate_limited(work, rows)
-    figures += await rt_two_backends(work, seconds)
-    figures += await bench_gpu(work, rows, seconds)
-    figures += await bench_halving(work, seconds)
+    for name, run in runs.items():
+        if name in chosen or (name == "gpu" and set(SIM_SCENARIOS) <= set(chosen)):
+            figures += await run()
     return figures
 
 
@@ -313,7 +339,8 @@ def main() -> int:
     parser.add_argument("--realtime", action="store_true", help="also the real-time runs against the sim agent")
     parser.add_argument("--quick", action="store_true", help="shorter real-time runs (rougher figures)")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON here")
-    parser.add_argument("--scenario", action="append", choices=SIM_SCENARIOS, help="simulated: only these")
+    parser.add_argument("--scenario", action="append", choices=SIM_SCENARIOS,
+                        help="only these (simulated, and in real time with --realtime)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     started = time.monotonic()
@@ -322,7 +349,7 @@ def main() -> int:
             "two_backends": sim_two_backends, "halving": sim_halving}
     figures = [figure for name in chosen for figure in runs[name]()]
     if args.realtime:
-        figures += asyncio.run(realtime(args.quick))
+        figures += asyncio.run(realtime(args.quick, chosen))
     print(f"{'figure':<62} {'value':>8}  {'target':<8} result")
     for name, value, target, ok in figures:
         shown = "n/a" if value is None else f"{value:.3f}"

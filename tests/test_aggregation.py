@@ -23,6 +23,7 @@ from gym_collect.nemo.aggregation import AggregationTarget, aggregate_run, label
 from gym_collect.nemo.metric_inputs import Grouper, MetricInputs, MetricSources
 from gym_collect.nemo.routing import UNNAMED_AGENT, Route
 from gym_collect.redact import Redactor, url_secrets
+from gym_collect.spooled import StreamedList
 from gym_collect.writer import OutputPaths
 from tests.servers import LoopbackServer
 
@@ -408,24 +409,35 @@ def test_the_streamed_file_is_byte_for_byte_what_0_7_writes(answers: list[dict[s
     for n, answer in enumerate(answers):
         spool = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
         spool.write(orjson.dumps(answer))
-        document = aggregation._spooled_document(spool)
+        document = aggregation._read_answer(spool)
+        assert isinstance(document, dict)
         entries.append(aggregation._entry(f"agent{n}", f"env{n}", document))
     expected = [aggregation._entry(f"agent{n}", f"env{n}", answer) for n, answer in enumerate(answers)]
     try:
         assert b"".join(aggregation._file_chunks(entries)) == orjson.dumps(expected, option=orjson.OPT_INDENT_2)
     finally:
         for entry in entries:
-            entry["group_level_metrics"].close()
+            for value in entry.values():
+                if isinstance(value, StreamedList):
+                    value.close()
 
 
 @pytest.mark.parametrize(("answer", "problem"), [
     (b"", "not JSON"), (b"[1]", "a JSON array, not an object"), (b'{"key_metrics": 3}', "key_metrics is not"),
     (b'{"group_level_metrics": [{"a": 1}, 2]}', "group_level_metrics holds something that is not an object"),
-    (b'{"perf_summary": []}', "perf_summary is not an object"), (b'{"agent_metrics": {"a": ', "not JSON"),
+    (b'{"perf_summary": []}', "perf_summary is not a JSON object"),
+    (b'{"repeat_level_metrics": {}}', "repeat_level_metrics is not a JSON array"),
+    (b'{"group_level_metrics": [[1]]}', "group_level_metrics holds something that is not an object"),
+    (b'{"agent_metrics": {}} trailing', "not JSON"), (b'{"agent_metrics": {"a": ', "not JSON"),
     (b'{"agent_metrics": {}, "perf_summary": null, "group_level_metrics": [{"x": [1, {"y": 2}]}]}', None),
 ])
 def test_a_spooled_answer_is_checked_in_one_streaming_pass(answer: bytes, problem: str | None) -> None:
     with tempfile.TemporaryFile() as spool:
         spool.write(answer)
-        found = aggregation._spool_problem(spool)
-    assert (found is None) if problem is None else (found is not None and found.startswith(problem))
+        found = aggregation._read_answer(spool)
+        if problem is None:
+            assert isinstance(found, dict)
+            assert [dict(item) for item in found["group_level_metrics"]] == orjson.loads(answer)["group_level_metrics"]
+            assert (found["agent_metrics"], found["repeat_level_metrics"]) == ({}, [])
+        else:
+            assert isinstance(found, str) and found.startswith(problem)

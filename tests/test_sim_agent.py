@@ -229,6 +229,9 @@ async def test_rate_limited_mode_and_capacity_halving(session: aiohttp.ClientSes
         statuses = sorted(status for status, _, _ in answers)
         assert statuses == [200, 200, 429, 429]
         assert {h["Retry-After"] for s, h, _ in answers if s == 429} == {"3"}
+        async with session.get(sim.url + "/stats") as resp:  # the counters, for a client in another process
+            stats = await resp.json()
+        assert (stats["requests"], stats["statuses"]) == (4, {"200": 2, "429": 2})
 
 
 async def test_fault_500_and_429(session: aiohttp.ClientSession) -> None:

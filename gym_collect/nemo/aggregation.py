@@ -44,6 +44,8 @@ MAX_SHOWN_BODY = 200  # characters of an error answer quoted in the warning
 NO_ENDPOINT_STATUSES = (404, 405)
 ANSWER_CHUNK_BYTES = 1 << 16  # of a server's answer, copied to its temporary file
 NOT_JSON = "not JSON"
+_OPENING = frozenset({"start_map", "start_array"})
+_CLOSING = frozenset({"end_map", "end_array"})
 PER_TASK_FIELDS = ("group_level_metrics", "repeat_level_metrics")  # in the file only: they grow with the run
 # `AggregateMetrics` (`nemo_gym/config_types.py:933-966`): every field has a default.
 METRIC_FIELDS: tuple[tuple[str, type], ...] = (("agent_metrics", dict), ("key_metrics", dict),
@@ -309,15 +311,17 @@ async def _ask(session: aiohttp.ClientSession, url: str, group: GroupRows, timeo
             raise _Unanswered(f"is not served (HTTP {status}: no such endpoint)")
         if status != 200:
             raise _Unanswered(f"answered HTTP {status}: {_shown(_head(spool), redact)}")
-        problem = await asyncio.to_thread(_spool_problem, spool)
-        if problem == NOT_JSON:
+        answer = await asyncio.to_thread(_read_answer, spool)
+        if answer == NOT_JSON:
             raise _Unanswered(f"answered something that is not JSON: {_shown(_head(spool), redact)}")
-        if problem is not None:
-            raise _Unanswered(f"answered JSON that is not NeMo Gym's AggregateMetrics ({problem})")
-        return await asyncio.to_thread(_spooled_document, spool)
+        if isinstance(answer, str):
+            raise _Unanswered(f"answered JSON that is not NeMo Gym's AggregateMetrics ({answer})")
     except BaseException:
         spool.close()
         raise
+    if not any(isinstance(value, _Spooled) for value in answer.values()):
+        spool.close()
+    return answer
 
 
 def _head(spool: IO[bytes]) -> bytes:
@@ -325,48 +329,66 @@ def _head(spool: IO[bytes]) -> bytes:
     return spool.read(4 * MAX_SHOWN_BODY)
 
 
-def _spool_problem(spool: IO[bytes]) -> str | None:
-    """What keeps the spooled answer from being an `AggregateMetrics` (`nemo_gym/config_types.py:933-966`):
-    `NOT_JSON`, a description, or None; one streaming pass, whatever the answer's size."""
-    kinds = {key: kind for key, kind in METRIC_FIELDS}
+def _read_answer(spool: IO[bytes]) -> dict[str, Any] | str:
+    """The spooled answer as an `AggregateMetrics` (`nemo_gym/config_types.py:933-966`), or what keeps it from
+    being one (`NOT_JSON`, or a description).
+
+    One streaming pass (ijson's basic events, no prefixes built), whatever the answer's size: the small fields
+    are built as it goes; a list field with items stays in the spool (`_Spooled`, read back item by item when
+    the file is written), an empty or absent one is `[]`. Other fields are skipped.
+    """
+    kinds = {**dict(METRIC_FIELDS), "perf_summary": dict}
+    document: dict[str, Any] = {}
     spool.seek(0)
     try:
-        events = ijson.parse(spool, use_float=True)
+        events = ijson.basic_parse(spool, use_float=True)
         first = next(events, None)
         if first is None:
             return NOT_JSON
-        if first[1] != "start_map":
-            return f"a JSON {first[1].removeprefix('start_')}, not an object"
-        key: str | None = None
-        for prefix, event, value in events:
-            if prefix == "" and event == "map_key":
-                key = value
-            elif key is not None and prefix == key:
-                kind = kinds.get(key)
-                if (kind is dict and event != "start_map") or (kind is list and event != "start_array"):
-                    return f"{key} is not a JSON {'object' if kind is dict else 'array'}"
-                if key == "perf_summary" and event not in ("start_map", "null"):
-                    return "perf_summary is not an object"
-                key = None
-            elif kinds.get(prefix.removesuffix(".item")) is list and prefix.endswith(".item") and event in (
-                    "start_array", "string", "number", "boolean", "null"):
-                return f"{prefix.removesuffix('.item')} holds something that is not an object"
+        if first[0] != "start_map":
+            return f"a JSON {first[0].removeprefix('start_')}, not an object"
+        key = ""
+        depth = 1  # of the containers open; 1: the answer's own object
+        field: str | None = None  # the field whose value is open, when it is a metric field
+        builder: ijson.ObjectBuilder | None = None
+        items = 0
+        for event, value in events:
+            if depth == 1:
+                if event == "map_key":
+                    key = value
+                    continue
+                if event == "end_map":
+                    depth = 0
+                    continue
+                kind = kinds.get(key)  # a field's value starts
+                if kind is None or (key == "perf_summary" and event == "null"):
+                    depth += event in _OPENING  # skipped
+                    continue
+                if event != ("start_array" if kind is list else "start_map"):
+                    return f"{key} is not a JSON {'array' if kind is list else 'object'}"
+                field, depth, items = key, 2, 0
+                if kind is dict:
+                    builder = ijson.ObjectBuilder()
+                    builder.event(event, value)
+                continue
+            if builder is not None:
+                builder.event(event, value)
+            elif field is not None and depth == 2 and event != "end_array":
+                if event != "start_map":
+                    return f"{field} holds something that is not an object"
+                items += 1
+            if event in _OPENING:
+                depth += 1
+            elif event in _CLOSING:
+                depth -= 1
+                if depth == 1 and field is not None:
+                    document[field] = builder.value if builder is not None else (
+                        _Spooled(spool, field) if items else [])
+                    field, builder = None, None
     except ijson.JSONError:
         return NOT_JSON
-    return None
-
-
-def _spooled_document(spool: IO[bytes]) -> dict[str, Any]:
-    """The answer's fields: small ones parsed, lists left in the spool."""
-    document: dict[str, Any] = {}
-    for key, kind in (*METRIC_FIELDS, ("perf_summary", dict)):
-        if kind is list:
-            document[key] = _Spooled(spool, key)
-            continue
-        spool.seek(0)
-        value = next(iter(ijson.items(spool, key, use_float=True)), None)
-        if value is not None or key != "perf_summary":
-            document[key] = value if value is not None else kind()
+    for key, kind in METRIC_FIELDS:
+        document.setdefault(key, kind())
     return document
 
 

@@ -51,6 +51,9 @@ class Route:
         return stamps
 
 
+MAX_CACHED_KEYS = 4096
+
+
 class RouteKey(NamedTuple):
     """How one row routes, before `task_source` resolution: hashable, so a scan counts rows per key.
 
@@ -88,6 +91,7 @@ class RowRouter:
         self.environment_server = environment_server
         self.legacy_agent: str | None = None
         self.task_source_agents: dict[str, str] = {}
+        self._keys: dict[tuple[str | None, str | None], RouteKey] = {}  # rows name few (agent, task_source) pairs
 
     def key(self, row: Mapping[str, Any], where: str) -> RouteKey:
         """The row's `RouteKey`; raises `ConfigError` naming `where` when nothing routes it."""
@@ -103,6 +107,15 @@ class RowRouter:
                 raise ConfigError(f"{where}: no environment server route for taskset {taskset!r}: pass "
                                   f"environment_server_routes.{taskset}=SERVER")
             return RouteKey((ENVIRONMENT_TARGET + server,), taskset, None, None, None)
+        cached = self._keys.get((agent, source))
+        if cached is not None:
+            return cached
+        key = self._agent_key(agent, source, basis, where)
+        if len(self._keys) < MAX_CACHED_KEYS:
+            self._keys[(agent, source)] = key
+        return key
+
+    def _agent_key(self, agent: str | None, source: str | None, basis: str | None, where: str) -> RouteKey:
         if self.tasksets_only:
             raise ConfigError(f"{where}: environment_routing_mode=taskset takes only materialized task rows "
                               "(task_id.taskset and task_input); use environment_routing_mode=agent to mix them")
