@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,10 +222,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                     shutdown.finishing()
             metrics.stop_clock()
             if not (cfg.disable_aggregation or cfg.dry_run or metrics.stopped_reason or shutdown.signal_name):
-                await aggregate_run(client.session, paths, targets_from_routes(routes),
-                                    count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,
-                                    count_missing_rollouts_as_zero=cfg.count_missing_rollouts_as_zero,
-                                    timeout_s=cfg.aggregate_timeout_s, redact=client.redact)
+                await _aggregate(cfg, client, paths, routes, shutdown)
         change = rows.check_unchanged()
         in_output = skipped[0] + writer.written
         document = metrics.snapshot(limits.history_since(metrics.started))
@@ -239,6 +236,26 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
     code = _exit_code(cfg, metrics, in_output, expected, change)
     _explain(code, paths, input_path, expected - in_output, metrics, change)
     return RunResult(code, document, output_path)
+
+
+async def _aggregate(cfg: CollectConfig, client: AgentClient, paths: OutputPaths, routes: Mapping[str, Route],
+                     shutdown: Shutdown) -> None:
+    """`aggregate_run` as a task a signal stops (`Shutdown.aggregating`); then the finishing phase again."""
+    aggregation = asyncio.ensure_future(aggregate_run(
+        client.session, paths, targets_from_routes(routes),
+        count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,
+        count_missing_rollouts_as_zero=cfg.count_missing_rollouts_as_zero,
+        timeout_s=cfg.aggregate_timeout_s, redact=client.redact))
+    shutdown.aggregating(aggregation.cancel)
+    try:
+        await aggregation
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if not aggregation.cancelled() or (current is not None and current.cancelling()):
+            raise  # the run itself is cancelled, not just its aggregation
+        log.warning("Aggregate metrics not written to %s (interrupted)", paths.aggregate_metrics)
+    finally:
+        shutdown.finishing()
 
 
 async def _materialize(outputs: RunOutputs, rows: JsonlRows, builder: RequestBuilder, cfg: CollectConfig,

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import orjson
 
@@ -26,6 +26,7 @@ from gym_collect.nemo.rows import RequestBuilder
 BOM = b"\xef\xbb\xbf"
 DIGEST_SIZE = 16
 STAT_EVERY_ROWS = 1024
+T = TypeVar("T")
 
 
 @dataclass(slots=True)
@@ -291,10 +292,13 @@ def _index_pass(rows: JsonlRows, result: ScanResult, builder: RequestBuilder, ch
     indexer = result.indexer
     assert indexer is not None
     start = rows.selection.start_idx
+    stop = start + result.num_rows
+    if not indexer.stamped and indexer.candidate_lines:
+        indexer.confirm_lines(_checkpointed((row.raw for row in JsonlRows(rows.path, RowSelection(stop, stop),
+                                                                           include_prefix=True)), checkpoint))
     if indexer.all_distinct:
         result.task_range = (start, start + result.num_rows - 1)
         return
-    stop = start + result.num_rows
     indexer.begin_pass()
     low, high = None, None
     every_row = JsonlRows(rows.path, RowSelection(stop, stop), include_prefix=True)  # [0, stop), unparsed
@@ -395,6 +399,14 @@ def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[
         state.max_rollout = max(state.max_rollout, first + count - 1)
         if indexer is not None:
             indexer.add_rollouts(task, count)
+
+
+def _checkpointed(items: Iterator[T], checkpoint: Callable[[], None]) -> Iterator[T]:
+    """`items`, calling `checkpoint` every `STAT_EVERY_ROWS` of them."""
+    for count, item in enumerate(items, 1):
+        if count % STAT_EVERY_ROWS == 0:
+            checkpoint()
+        yield item
 
 
 def _rollouts_of(builder: RequestBuilder, row: Row, where: str) -> int:

@@ -7,6 +7,9 @@ What a signal does depends on the phase the run is in:
     running     dispatch stops; rollouts in flight get `shutdown_grace_s` to finish and be written; a
                 second signal exits at once (every line written is whole); exit 130 unless every
                 selected rollout is in the output by then
+    aggregating (every rollout written; `/aggregate_metrics` asked) the aggregation stops at once (its file
+                is written whole or not at all); the metrics are written; the exit code is the run's own,
+                and `resume=true` computes the aggregate metrics later
     finishing   (final writes, metrics) the signal is noted and the writes complete; the exit code is
                 the run's own
 
@@ -62,6 +65,7 @@ class Shutdown:
         self._phase = "start-up"
         self._task: asyncio.Task[object] | None = None
         self._stop_run: Callable[[str], None] | None = None
+        self._stop_aggregation: Callable[[], object] | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> Shutdown:
@@ -90,6 +94,10 @@ class Shutdown:
         if self.signal_name is not None:
             stop_run(f"interrupted by {self.signal_name}")
 
+    def aggregating(self, stop_aggregation: Callable[[], object]) -> None:
+        """Enter the aggregating phase: a signal now calls `stop_aggregation()`."""
+        self._phase, self._stop_aggregation = "aggregating", stop_aggregation
+
     def finishing(self) -> None:
         """Enter the finishing phase: a signal no longer changes anything."""
         self._phase = "finishing"
@@ -111,7 +119,11 @@ class Shutdown:
             return
         self.signal_name = name
         self.stopping.set()
-        if self._phase == "start-up":
+        if self._phase == "aggregating" and self._stop_aggregation is not None:
+            log.warning("%s during aggregation: stopping it; every rollout is written, resume=true computes the "
+                        "aggregate metrics", name)
+            self._stop_aggregation()
+        elif self._phase == "start-up":
             log.warning("%s during start-up: stopping", name)
             if self._task is not None:
                 self._task.cancel()

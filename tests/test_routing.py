@@ -21,6 +21,7 @@ from gym_collect.collect import collect
 from gym_collect.config import CollectConfig, HeadServerConfig
 from gym_collect.errors import ConfigError, InputError
 from gym_collect.nemo.head import HeadDocument
+from gym_collect.nemo.indices import TaskIndexer, line_key
 from gym_collect.nemo.keys import NemoGymOnlyKeys, notices
 from gym_collect.nemo.routing import Route, RowRouter, resolve_routes
 from gym_collect.nemo.rows import PromptConfig, RequestBuilder
@@ -279,6 +280,28 @@ def test_any_split_into_shards_gives_the_single_runs_indices(
     sharded = [p for a, b in itertools.pairwise(bounds) for p in shard_pairs(path, a, b, repeats)]
     assert sharded == single
     assert len(set(single)) == len(single)
+
+
+def test_distinct_lines_are_known_distinct_despite_the_filters_false_positives() -> None:
+    lines = [orjson.dumps({"q": i}) for i in range(5000)]
+    for rows, duplicated in ((lines, set()), ([*lines, lines[17], lines[4000]], {lines[17], lines[4000]})):
+        indexer = TaskIndexer(len(rows))
+        for raw in rows:
+            indexer.observe_line(raw, None)
+        assert len(indexer.candidate_lines) > len(duplicated)  # ~0.8% of the lines are false positives
+        indexer.confirm_lines(rows)
+        assert indexer.candidate_lines == {line_key(raw) for raw in duplicated}
+        assert indexer.all_distinct == (not duplicated)
+
+
+def test_shards_of_a_large_file_with_a_few_duplicates_agree_with_nemo_gym(tmp_path: Path) -> None:
+    rows = [{"q": i} for i in range(3000)]
+    rows[2500] = rows[10]
+    rows[2999] = rows[2998]
+    path = write_rows(tmp_path / "in.jsonl", rows)
+    single = shard_pairs(path, 0, len(rows), 2)
+    assert single == nemo_pairs(path, 2)
+    assert [p for a, b in ((0, 1000), (1000, 2600), (2600, 3000)) for p in shard_pairs(path, a, b, 2)] == single
 
 
 async def test_caller_task_indices_and_duplicate_lines_end_to_end_with_resume(tmp_path: Path) -> None:

@@ -331,6 +331,38 @@ def test_a_signal_while_the_last_rollout_is_in_flight_still_ends_complete(tmp_pa
     assert orjson.loads((tmp_path / "out_metrics.json").read_bytes())["rollouts"]["missing"] == 0
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_aggregation_stops_it_and_keeps_the_runs_exit_code(tmp_path: Path, clean_env: dict[str, str],
+                                                                          sig: signal.Signals) -> None:
+    asked = threading.Event()
+
+    async def never_answers(request: web.Request) -> web.Response:
+        await request.read()
+        asked.set()
+        await asyncio.sleep(WAIT_S)
+        return web.json_response({})
+
+    write_rows(tmp_path / "in.jsonl", make_rows(5))
+    with LoopbackServer({"POST /run": echo_rollout, "POST /aggregate_metrics": never_answers}) as server:
+        proc = subprocess.Popen(
+            [COLLECT, "progress=false", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+             f"agent_url={server.url}", "aggregate_timeout_s=600"],
+            cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert asked.wait(WAIT_S)
+        proc.send_signal(sig)
+        output = proc.communicate(timeout=WAIT_S)[0].decode()  # not the 600 s aggregate_timeout_s
+    assert proc.returncode == EXIT_OK, output
+    assert "Traceback" not in output and f"{sig.name} during aggregation: stopping it" in output
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(5)]
+    assert orjson.loads((tmp_path / "out_metrics.json").read_bytes())["rollouts"]["missing"] == 0
+    assert not (tmp_path / "out_aggregate_metrics.json").exists()
+    with LoopbackServer({"POST /run": echo_rollout}) as server:  # no /aggregate_metrics: the local default
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           f"agent_url={server.url}", "resume=true")
+    assert code == EXIT_OK and server.requests.get("POST /run") is None, output
+    assert orjson.loads((tmp_path / "out_aggregate_metrics.json").read_bytes())[0]["agent_metrics"]["mean/reward"]
+
+
 # Expected comforts -----------------------------------------------------------------------------------------------
 
 def test_dry_run_sends_nothing_and_writes_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:

@@ -11,7 +11,9 @@ every line, it keeps two Bloom filters (Bloom, "Space/time trade-offs in hash co
 CACM 1970) of 12 bits per row, and exact state only for lines and task indices that may repeat:
 
     pass 1  every line up to the selection's end: a line hash seen before (per the filter) is a candidate
-            duplicate; candidates are exact for every true duplicate, plus ~1% false positives
+            duplicate; candidates are exact for every true duplicate, plus ~1% false positives; when no row
+            is stamped, the lines are read again (hashed, not parsed) to drop the false positives, so that a
+            file of distinct lines, the common case, needs no pass 2
     pass 2  the same lines: task indices assigned in a stream (a dense counter, and a map for candidate
             lines only); task indices seen before (second filter) are candidate repeats
     then    dispatch reads the lines again, assigns the same task indices, and keeps a rollout counter
@@ -20,7 +22,8 @@ CACM 1970) of 12 bits per row, and exact state only for lines and task indices t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 import orjson
 
@@ -113,6 +116,19 @@ class TaskIndexer:
                 self.candidate_lines.add(key)
         else:
             self.stamped = True
+
+    def confirm_lines(self, raws: Iterable[bytes]) -> None:
+        """After pass 1, when no row is stamped: keep as candidate duplicates only the lines seen at least twice
+        among `raws` (the rows up to the selection's end, read again, unparsed). The Bloom filter's false
+        positives go, so a file of distinct lines is known to be one (`all_distinct`: no pass 2, and no line
+        hashed while dispatching); memory: a counter per candidate."""
+        counts: Counter[int] = Counter()
+        candidates = self.candidate_lines
+        for raw in raws:
+            key = line_key(raw)
+            if key in candidates:
+                counts[key] += 1
+        self.candidate_lines = {key for key, count in counts.items() if count > 1}
 
     @property
     def all_distinct(self) -> bool:
