@@ -212,17 +212,23 @@ def write_real_rows(path: Path, n: int) -> Path:
     return path
 
 
-def write_small_rows(path: Path, n: int) -> Path:
-    """`n` small synthetic NeMo Gym-shaped rows (~150 bytes: agent_ref, one user message, expected_answer)."""
+def write_small_rows(path: Path, n: int, repeat_every: int | None = None) -> Path:
+    """`n` small synthetic NeMo Gym-shaped rows (~150 bytes: agent_ref, one user message, expected_answer).
+
+    With `repeat_every=k`, every k-th line is a byte-identical copy of an earlier one (line i repeats line
+    i // 2): NeMo Gym gives such lines one task index and consecutive rollout indices."""
+    def content(i: int) -> int:
+        return i // 2 if repeat_every and i % repeat_every == repeat_every - 1 else i
+
     with path.open("wb") as f:
         for chunk_start in range(0, n, 10_000):
             f.write(b"".join(
                 orjson.dumps({
                     "agent_ref": {"name": "sim_agent"},
-                    "responses_create_params": {"input": [{"role": "user", "content": f"What is {i} + {i}?"}]},
-                    "expected_answer": str(2 * i),
+                    "responses_create_params": {"input": [{"role": "user", "content": f"What is {j} + {j}?"}]},
+                    "expected_answer": str(2 * j),
                 }) + b"\n"
-                for i in range(chunk_start, min(n, chunk_start + 10_000))
+                for j in map(content, range(chunk_start, min(n, chunk_start + 10_000)))
             ))
     return path
 
