@@ -276,9 +276,9 @@ class Bench:
                   f"rows/s, {run.wall_s:.1f} s", flush=True)
             output.unlink()
             input_path.unlink()
-        per_size = {(str(rows) if rows > 0 else f"{-rows} with duplicate lines"): {"peak_rss_mb": r.peak_rss_mb, "polled_peak_rss_mb": r.polled_peak_rss_mb,
-                           "wall_s": r.wall_s, "cpu_s": r.cpu_s, "first_output_s": r.first_output_s()}
-                    for rows, r in peaks.items()}
+        per_size = {(str(rows) if rows > 0 else f"{-rows} with duplicate lines"): {
+            "peak_rss_mb": r.peak_rss_mb, "polled_peak_rss_mb": r.polled_peak_rss_mb, "wall_s": r.wall_s,
+            "cpu_s": r.cpu_s, "first_output_s": r.first_output_s()} for rows, r in peaks.items()}
         for key, label, big in (("memory", "3 memory ratio, peak RSS", large),
                                 ("main_job_memory", "main job: memory ratio, peak RSS", mid)):
             ratio = peaks[big].peak_rss_mb / peaks[small].peak_rss_mb
