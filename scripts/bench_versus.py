@@ -84,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             ours: list[tuple[ChildRun, float]] = []
             theirs: list[tuple[ChildRun, float]] = []
             aggregating: list[ChildRun] = []
+            # the aggregating runs get a server of their own: a 20,000-rollout /aggregate_metrics body grows the
+            # server's heap, which would slow the pairs that follow
             with SimServer(work / "sim.log", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
-                           response_pad_bytes=ANSWER_PAD_BYTES) as sim:
+                           response_pad_bytes=ANSWER_PAD_BYTES) as sim, \
+                    SimServer(work / "sim_aggregating.log", capacity=PARALLELISM, service_time_s=0, service_sigma=0,
+                              response_pad_bytes=ANSWER_PAD_BYTES) as aggregating_sim:
                 for rep in range(args.repeats):
                     theirs.append(one_run(earlier, work, f"earlier{rep}", rows_path, sim.url, args.rows))
                     ours.append(one_run(Path(sys.executable), work, f"ours{rep}", rows_path, sim.url, args.rows,
                                         disable_aggregation="true"))
-                    aggregating.append(one_run(Path(sys.executable), work, f"aggregating{rep}", rows_path, sim.url,
-                                               args.rows)[0])
+                    aggregating.append(one_run(Path(sys.executable), work, f"aggregating{rep}", rows_path,
+                                               aggregating_sim.url, args.rows)[0])
         finally:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(folder / "tree")],
                            capture_output=True)
