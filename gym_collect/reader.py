@@ -257,9 +257,7 @@ def scan(
     reader = JsonlRows(rows.path, rows.selection, read_to_end=True, include_prefix=True)
     indexer = TaskIndexer(_capacity(rows.path, rows.selection))
     result = ScanResult(0, Counter(), 0, indexer=indexer)
-    for count, row in enumerate(reader, 1):
-        if count % STAT_EVERY_ROWS == 0:
-            checkpoint()
+    for row in _checkpointed(iter(reader), checkpoint):
         indexer.observe_line(row.raw, stamped_task(row.raw, row.data))
         if not row.selected:
             continue
@@ -302,9 +300,7 @@ def _index_pass(rows: JsonlRows, result: ScanResult, builder: RequestBuilder, ch
     indexer.begin_pass()
     low, high = None, None
     every_row = JsonlRows(rows.path, RowSelection(stop, stop), include_prefix=True)  # [0, stop), unparsed
-    for count, row in enumerate(every_row, 1):
-        if count % STAT_EVERY_ROWS == 0:
-            checkpoint()
+    for row in _checkpointed(iter(every_row), checkpoint):
         task = indexer.task(row.raw, stamped_task(row.raw, row.data))
         indexer.observe_task(task)
         if row.index >= start:
