@@ -29,12 +29,14 @@ RANGE_KEYS = ("start_idx", "stop_idx")
 class ShardPlan:
     """What the shards' manifests agree on. ``definition``: the shared run definition without the row range;
     ``tasks``: ``[min start_idx, max stop_idx)``; ``num_repeats`` from the definition; ``manifests``: how many
-    shards had one (0: none had, and nothing was checked)."""
+    shards had one (0: none had, and nothing was checked); ``row_ranges``: each shard's ``(start_idx,
+    stop_idx)`` of input rows by its path as given, when every manifest has both."""
 
     definition: dict[str, object]
     tasks: range | None
     num_repeats: int | None
     manifests: int
+    row_ranges: dict[Path, tuple[int, int]] | None = None
 
 
 def read_manifest(shard: Path) -> dict[str, object] | None:
@@ -92,10 +94,14 @@ def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
     starts = [d.get("start_idx") for _, d in found]
     stops = [d.get("stop_idx") for _, d in found]
     tasks: range | None = None
-    if all(isinstance(a, int) for a in starts) and all(isinstance(b, int) for b in stops):
-        tasks = range(min(a for a in starts if isinstance(a, int)), max(b for b in stops if isinstance(b, int)))
+    row_ranges: dict[Path, tuple[int, int]] | None = None
+    ranges = [(p, a, b) for (p, _), a, b in zip(found, starts, stops, strict=True)
+              if isinstance(a, int) and isinstance(b, int)]
+    if len(ranges) == len(found):
+        tasks = range(min(a for _, a, _ in ranges), max(b for _, _, b in ranges))
+        row_ranges = {p: (a, b) for p, a, b in ranges}
     repeats = shared.get("num_repeats")
-    return ShardPlan(shared, tasks, repeats if isinstance(repeats, int) else None, len(found))
+    return ShardPlan(shared, tasks, repeats if isinstance(repeats, int) else None, len(found), row_ranges)
 
 
 class MergeMismatch(InputError):

@@ -287,8 +287,11 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     a shard has one; a stale one is removed) and ``<output stem>_metrics.json``; then, unless ``aggregation``
     is None, aggregate the union into ``<output stem>_aggregate_metrics.json`` (a stale one is removed first).
 
-    ``num_repeats`` and ``expected_tasks`` default to the manifests' (1 and the tasks seen without
-    manifests); given values that contradict the manifests are refused. Each file is written to a temp file
+    What is expected: when every shard has a manifest with its row range and a materialized inputs file, the
+    (task, rollout) pairs those files list (NeMo Gym's indices, whatever they are), with the row ranges tiling
+    the input (``expected_tasks``, when given, is then the input's rows); otherwise ``expected_tasks`` x
+    ``num_repeats``, which default to the manifests' (1 and the tasks seen without manifests). Given values
+    that contradict the manifests are refused. Each file is written to a temp file
     in its folder and moved into place with ``os.replace``; the rows file last. Raises MergeMismatch if the
     manifests disagree, MergeRefused if the check fails; OutputError if an output path is one of the inputs
     or cannot be written (temp files are removed); InputError if a shard cannot be read or changes meanwhile.
@@ -311,8 +314,16 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
             expected_tasks.start <= plan.tasks.start and plan.tasks.stop <= expected_tasks.stop):
         raise MergeMismatch(f"the expected tasks {_span(expected_tasks)} do not contain the shards' row ranges "
                             f"{_span(plan.tasks)} (from their manifests)")
-    check = check_shards(paths, expected_tasks if expected_tasks is not None else plan.tasks,
-                         num_repeats or plan.num_repeats or 1, strict=strict)
+    listed = [OutputPaths(Path(p)).materialized_inputs for p in paths]
+    if plan.row_ranges is not None and all(m.is_file() for m in listed):
+        # NeMo Gym's indices (shared by identical lines, a caller's own, a num_repeats map) are what the
+        # shards' materialized inputs list; the manifests' row ranges show a shard missing altogether
+        check = check_shards(paths, None, num_repeats or plan.num_repeats or 1, strict=strict,
+                             materialized=listed, row_ranges=[plan.row_ranges[Path(p)] for p in paths],
+                             rows=expected_tasks)
+    else:
+        check = check_shards(paths, expected_tasks if expected_tasks is not None else plan.tasks,
+                             num_repeats or plan.num_repeats or 1, strict=strict)
     if not check.ok:
         raise MergeRefused(check)
     metrics = _load_metrics(check)

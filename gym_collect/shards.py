@@ -4,8 +4,14 @@ A shard ``out/shard_0.jsonl`` may have ``out/shard_0_failures.jsonl`` beside it:
 good count as accounted for, but failed. ``check_shards`` reads every file once, streaming, into a slot map
 that records which file owns each (task, rollout); gaps and overlaps are then named as compressed task
 ranges, with the shards around or containing them. Memory is the slot map (one byte per (task, rollout)
-seen, for up to 127 shards) plus, on the error path only, the compressed ranges reported; rows are never
+seen, for up to 126 shards) plus, on the error path only, the compressed ranges reported; rows are never
 held. ``ShardCheck.row_lines`` and ``ShardCheck.failure_lines`` stream the lines that count a second time.
+
+What is expected is either a rectangle, tasks x ``range(num_repeats)``, or the (task, rollout) pairs the
+shards' ``<stem>_materialized_inputs.jsonl`` list (``materialized``): NeMo Gym 0.7's indices, where identical
+lines share a task index, a caller's ``_ng_task_index`` is kept and a ``num_repeats`` map varies the rollouts
+per task, so no rectangle describes them. Then the shards' row ranges (``row_ranges``, from their run
+manifests) must tile the input's rows, since a shard that is missing altogether lists nothing.
 
 Errors follow ``gym_collect.errors``: ``MergeRefused`` (an ``InputError``) carries a failed check;
 ``ConfigError`` for bad arguments; ``InputError`` for an unreadable shard or one that changed meanwhile.
@@ -44,7 +50,7 @@ class _Slots:
     allocated as tasks are first seen, so an unknown task range costs only what is seen."""
 
     def __init__(self, num_repeats: int, max_code: int) -> None:
-        self.r = num_repeats
+        self.r = max(1, num_repeats)
         self.typecode = "B" if max_code < 2**8 else "H" if max_code < 2**16 else "L"
         self.chunks: dict[int, array[int]] = {}
 
@@ -187,6 +193,7 @@ class ShardCheck:
     errors: tuple[str, ...]
     _slots: _Slots = field(repr=False, compare=False)
     _codes: dict[int, Path] = field(repr=False, compare=False)
+    expected_pairs: int | None = None  # how many the materialized inputs list, when they set what is expected
 
     @property
     def ok(self) -> bool:
@@ -196,7 +203,11 @@ class ShardCheck:
         """One message: what was checked, then either the counts or every problem found, one per line."""
         t = self.expected_tasks
         tasks = f"tasks {t.start}-{t.stop - 1}" if len(t) else "no tasks"
-        head = f"{len(self.shards)} shards, {tasks} x {self.num_repeats} rollouts"
+        if self.expected_pairs is None:
+            head = f"{len(self.shards)} shards, {tasks} x {self.num_repeats} rollouts"
+        else:
+            head = (f"{len(self.shards)} shards, {self.expected_pairs} (task, rollout) pairs of {tasks} listed by "
+                    "their materialized inputs")
         if self.errors:
             return f"refused to merge {head}; nothing written:\n  " + "\n  ".join(self.errors)
         dropped = sum(s.dropped_failure_rows for s in self.shards)
@@ -220,7 +231,7 @@ class ShardCheck:
         success superseded it. Call once per check: it marks the records it yields in the slot map.
 
         Raises InputError if a failures file changed since the check (OSError if it became unreadable)."""
-        emitted = len(self._codes) + 1
+        emitted = _emitted_code(len(self._codes) // 2)
         by_path = {p: code for code, p in self._codes.items()}
         for shard in self.shards:
             if shard.failures_path is None:
@@ -277,14 +288,30 @@ def _lines_or_input_error(path: Path) -> Iterator[tuple[int, bytes]]:
         raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from exc
 
 
-def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range | None, num_repeats: int,
-                 *, strict: bool = False) -> ShardCheck:
-    """Check that the shards account for every (task, rollout) of ``expected_tasks`` x ``range(num_repeats)``
-    exactly once, as a row or as a failure record, in one streaming pass.
+def _expected_code(shards: int) -> int:
+    """The slot owner code of a pair the materialized inputs list that no file has claimed yet."""
+    return 2 * shards + 1
 
-    ``expected_tasks=None`` expects the contiguous range from the smallest to the largest task seen. With
-    ``strict``, failure records are errors. A missing shard file is an error line, not an exception.
-    Raises ConfigError if a path is given twice or ``num_repeats < 1``; InputError if a file cannot be read.
+
+def _emitted_code(shards: int) -> int:
+    """The slot owner code of a failure record `ShardCheck.failure_lines` has yielded."""
+    return 2 * shards + 2
+
+
+def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range | None, num_repeats: int,
+                 *, strict: bool = False, materialized: Sequence[Path] | None = None,
+                 row_ranges: Sequence[tuple[int, int]] | None = None, rows: range | None = None) -> ShardCheck:
+    """Check that the shards account for every expected (task, rollout) exactly once, as a row or as a
+    failure record, in one streaming pass over each file.
+
+    Expected are ``expected_tasks`` x ``range(num_repeats)`` (``expected_tasks=None``: the contiguous range
+    from the smallest to the largest task seen), or with ``materialized`` (one path per shard, in the same
+    order) the pairs those files list; ``expected_tasks`` and ``num_repeats`` are then not used. With
+    ``row_ranges`` (each shard's ``[start_idx, stop_idx)`` of input rows, in the same order), rows between
+    them that no shard covers are errors, and so are rows of ``rows`` (the whole input's, when known) outside
+    them. With ``strict``, failure records are errors. A missing shard file is an error line, not an
+    exception. Raises ConfigError if a path is given twice or ``num_repeats < 1``; InputError if a file
+    cannot be read.
     """
     if num_repeats < 1:
         raise ConfigError(f"num_repeats must be >= 1, got {num_repeats}")
@@ -294,11 +321,24 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
         if p.resolve() in seen_paths:
             raise ConfigError(f"shard {p} is given twice")
         seen_paths.add(p.resolve())
-    slots = _Slots(num_repeats, 2 * len(shard_paths) + 1)
+    errors: list[str] = []
+    expected_code = _expected_code(len(shard_paths))
+    listed: _Listed | None = None
+    if materialized is not None:
+        listed = _Listed.read(materialized)
+        num_repeats = listed.rollouts
+        errors.extend(listed.errors)
+    slots = _Slots(num_repeats, _emitted_code(len(shard_paths)))
+    if listed is not None:
+        listed.mark(slots, expected_code)
+        errors.extend(listed.overlap_errors())
+        expected_tasks = listed.tasks
+    if row_ranges is not None:
+        errors.extend(_row_gaps(shard_paths, row_ranges, rows))
+    fresh = expected_code if listed is not None else 0  # the owner of a pair no file has claimed yet
     codes: dict[int, Path] = {}
     dups: dict[tuple[int, int], tuple[_Runs, set[int]]] = {}
     unexpected: dict[tuple[int, str], _Runs] = {}
-    errors: list[str] = []
     summaries: list[tuple[int, ShardSummary]] = []
     succeeded = failed = 0
 
@@ -310,7 +350,7 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
             errors.append(f"{path}: shard file not found")
             continue
         has_failures = fail_path.is_file()
-        rows = kept = dropped = 0  # rows, failure records that count, failure records dropped
+        rows_seen = kept = dropped = 0  # rows, failure records that count, failure records dropped
         s_low: int | None = None
         s_high: int | None = None
         for code in (out_code, fail_code) if has_failures else (out_code,):
@@ -323,7 +363,7 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
                     bad += 1
                     continue
                 if code == out_code:
-                    rows += 1
+                    rows_seen += 1
                 s_low = task if s_low is None else min(s_low, task)
                 s_high = task if s_high is None else max(s_high, task)
                 if expected_tasks is not None and task not in expected_tasks:
@@ -332,13 +372,15 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
                 if rollout >= num_repeats:
                     unexpected.setdefault((code, "rollout"), _Runs()).add(task)
                     continue
-                prev = slots.claim(task, rollout, code)
-                if prev == 0:
+                prev = slots.claim(task, rollout, code, if_owner=fresh)
+                if prev == fresh:
                     if code == out_code:
                         succeeded += 1
                     else:
                         failed += 1
                         kept += 1
+                elif prev == 0:  # listed mode: inside the tasks' span, but not a listed pair
+                    unexpected.setdefault((code, "rollout"), _Runs()).add(task)
                 elif code == fail_code and prev in (out_code, fail_code):
                     dropped += 1
                 else:
@@ -348,7 +390,7 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
             if bad:
                 more = f" (and {bad - 1} more bad lines in this file)" if bad > 1 else ""
                 errors.append(first_bad + more)
-        summaries.append((i, ShardSummary(path, fail_path if has_failures else None, rows, kept, dropped,
+        summaries.append((i, ShardSummary(path, fail_path if has_failures else None, rows_seen, kept, dropped,
                                           s_low, s_high)))
 
     if expected_tasks is None:
@@ -358,7 +400,10 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
     shards = tuple(s for _, s in order)
     t_text = f"{expected_tasks.start}-{expected_tasks.stop - 1}" if len(expected_tasks) else "(none)"
     for (code, kind), runs in unexpected.items():
-        if kind == "task":
+        if listed is not None:
+            errors.append(f"{codes[code]}: {_tasks_text(runs.normalized())} hold rollouts that no shard's "
+                          "materialized inputs list: these rows come from another run or input")
+        elif kind == "task":
             errors.append(f"{codes[code]}: {_tasks_text(runs.normalized())} outside the expected "
                           f"tasks {t_text} (set by --input/--num-tasks/--start-idx)")
         else:
@@ -373,17 +418,100 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
                           f"{where}")
         duplicated.append((codes[a], codes[b], tuple(norm), tuple(sorted(rollouts))))
     missing: list[TaskRun] = []
-    if len(expected_tasks) * num_repeats > succeeded + failed:
-        missing = slots.runs(expected_tasks, lambda owner: owner == 0)
+    expected_count = listed.count if listed is not None else len(expected_tasks) * num_repeats
+    if expected_count > succeeded + failed:
+        missing = slots.runs(expected_tasks, lambda owner: owner == fresh)
         errors.extend(_missing_lines(missing, shards, num_repeats))
     errors.extend(dup_errors)
     if strict and failed:
-        failed_runs = slots.runs(expected_tasks, lambda owner: owner % 2 == 0 and owner != 0)
+        failed_runs = slots.runs(expected_tasks, lambda owner: owner % 2 == 0 and 0 < owner < expected_code)
         files = ", ".join(str(s.failures_path) for s in shards if s.failed_rows)
         failed_tasks = _merged((r.first, r.last) for r in failed_runs)
         errors.append(f"--strict: {failed} failed rollouts at {_tasks_text(failed_tasks)} in {files}")
     return ShardCheck(expected_tasks, num_repeats, shards, succeeded, failed, tuple(missing),
-                      tuple(duplicated), tuple(errors), slots, codes)
+                      tuple(duplicated), tuple(errors), slots, codes,
+                      expected_pairs=listed.count if listed is not None else None)
+
+
+class _Listed:
+    """The (task, rollout) pairs the shards' materialized inputs list: their span of tasks, the most
+    rollouts of one task, how many, and the problems found reading them."""
+
+    def __init__(self, paths: Sequence[Path]) -> None:
+        self.paths = paths
+        self.tasks = range(0)
+        self.rollouts = 1
+        self.count = 0
+        self.errors: list[str] = []
+        self._overlaps: dict[Path, tuple[_Runs, set[int]]] = {}
+
+    @classmethod
+    def read(cls, paths: Sequence[Path]) -> _Listed:
+        """First pass: the span and the rollouts per task, so that the slot map can be sized."""
+        listed = cls(paths)
+        low = high = None
+        for path in paths:
+            for task, rollout in listed._pairs(path):
+                low = task if low is None else min(low, task)
+                high = task if high is None else max(high, task)
+                listed.rollouts = max(listed.rollouts, rollout + 1)
+        if low is not None and high is not None:
+            listed.tasks = range(low, high + 1)
+        return listed
+
+    def mark(self, slots: _Slots, code: int) -> None:
+        """Second pass: set every listed pair's owner to ``code``; a pair listed twice is an overlap."""
+        for path in self.paths:
+            for task, rollout in self._pairs(path, report=False):
+                if slots.claim(task, rollout, code) == 0:
+                    self.count += 1
+                else:
+                    runs, rollouts = self._overlaps.setdefault(path, (_Runs(), set()))
+                    runs.add(task)
+                    rollouts.add(rollout)
+
+    def overlap_errors(self) -> list[str]:
+        return [f"{path}: lists {_tasks_text(runs.normalized())}{_rollouts_text(sorted(rollouts), self.rollouts)} "
+                "that an earlier shard's materialized inputs list too: the shards' selections overlap"
+                for path, (runs, rollouts) in self._overlaps.items()]
+
+    def _pairs(self, path: Path, report: bool = True) -> Iterator[tuple[int, int]]:
+        bad, first_bad = 0, ""
+        for lineno, line in _lines_or_input_error(path):
+            try:
+                yield _ids(line)
+            except _BadLine as exc:
+                first_bad = first_bad or f"{path}:{lineno}: {exc}"
+                bad += 1
+        if bad and report:
+            more = f" (and {bad - 1} more bad lines in this file)" if bad > 1 else ""
+            self.errors.append(first_bad + more)
+
+
+def _row_gaps(paths: Sequence[Path], row_ranges: Sequence[tuple[int, int]], rows: range | None) -> list[str]:
+    """Errors for the input rows that no shard's ``[start_idx, stop_idx)`` covers (within ``rows`` when
+    given, else between the first and the last shard)."""
+    spans = sorted(zip(row_ranges, paths, strict=True))
+    errors: list[str] = []
+
+    def gap(first: int, stop: int, where: str) -> None:
+        if stop > first:
+            what = f"row {first}" if stop - first == 1 else f"rows {first}-{stop - 1}"
+            errors.append(f"input {what} {'is' if stop - first == 1 else 'are'} in no shard ({where}): run the "
+                          "missing shard, or resume it, then merge again")
+
+    if not spans:
+        return errors
+    if rows is not None:
+        gap(rows.start, spans[0][0][0], f"before {spans[0][1]}")
+    covered, last = spans[0][0][1], spans[0][1]  # rows covered so far: up to `covered`, by `last` at the end
+    for (start, stop), path in spans[1:]:
+        gap(covered, start, f"between {last} and {path}")
+        if stop >= covered:
+            covered, last = stop, path
+    if rows is not None:
+        gap(covered, rows.stop, f"after {last}")
+    return errors
 
 
 def _missing_lines(missing: Sequence[TaskRun], shards: Sequence[ShardSummary], num_repeats: int) -> list[str]:

@@ -510,3 +510,65 @@ def test_an_unreachable_head_server_leaves_every_group_to_the_local_default(
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and "head server" in
                   r.getMessage()]
     assert url in warning and "aggregated locally" in warning
+
+
+def listed_shard(path: Path, rows: tuple[int, int], listed: Iterable[Pair], written: Iterable[Pair],
+                 failed: Iterable[Pair] = ()) -> Path:
+    """A shard as collect_rollouts leaves it: rows, failures, its manifest (row range `rows`) and its
+    materialized inputs listing `listed` (the pairs its selection expects)."""
+    shard(path, written, failed)
+    manifest(path, *rows, num_repeats={"_default": 1, "agent": 3})
+    write_jsonl(OutputPaths(path).materialized_inputs, (row(t, r) for t, r in listed))
+    return path
+
+
+# NeMo Gym's indices that are no rectangle: task 7 is a repeated line (6 rollouts), task 900 a caller's own
+LISTED_A = [*pairs([0, 1], 3), *pairs([7], 6)]
+LISTED_B = [*pairs([2, 3], 3), *pairs([900], 1)]
+
+
+def test_materialized_inputs_give_the_expected_pairs(tmp_path: Path) -> None:
+    a = listed_shard(tmp_path / "a.jsonl", (0, 4), LISTED_A, LISTED_A[::-1])
+    b = listed_shard(tmp_path / "b.jsonl", (4, 9), LISTED_B, LISTED_B[1:], failed=LISTED_B[:1])
+    out = tmp_path / "m.jsonl"
+    check = merge_rollouts([b, a], out, aggregation=None)
+    assert check.expected_pairs == len(LISTED_A) + len(LISTED_B) and (check.succeeded, check.failed) == (18, 1)
+    assert Counter(ids(out)) == Counter(LISTED_A + LISTED_B[1:])
+    assert ids(OutputPaths(out).failures) == LISTED_B[:1]
+    assert Counter(ids(OutputPaths(out).materialized_inputs)) == Counter(LISTED_A + LISTED_B)
+    assert "19 (task, rollout) pairs of tasks 0-900 listed by their materialized inputs" in check.describe()
+    with pytest.raises(MergeRefused, match=r"--strict: 1 failed rollouts at task 2"):
+        merge_rollouts([a, b], tmp_path / "strict.jsonl", strict=True, aggregation=None)
+
+
+@pytest.mark.parametrize(("written_a", "listed_b", "rows_b", "expected"), [
+    ([p for p in LISTED_A if p != (7, 5)], LISTED_B, (4, 9), "missing task 7 (rollout 5) inside"),
+    ([*LISTED_A, (7, 6)], LISTED_B, (4, 9), "a.jsonl: task 7 hold rollouts that no shard's materialized inputs list"),
+    ([*LISTED_A, (5, 0)], LISTED_B, (4, 9), "a.jsonl: task 5 hold rollouts that no shard's materialized inputs"),
+    (LISTED_A, [*LISTED_B, (1, 2)], (4, 9), "b_materialized_inputs.jsonl: lists task 1 (rollout 2) that an earlier "
+                                            "shard's materialized inputs list too: the shards' selections overlap"),
+    (LISTED_A, LISTED_B, (6, 9), "input rows 4-5 are in no shard (between"),
+])
+def test_materialized_inputs_refuse_what_they_do_not_list(
+        tmp_path: Path, written_a: list[Pair], listed_b: list[Pair], rows_b: tuple[int, int], expected: str) -> None:
+    a = listed_shard(tmp_path / "a.jsonl", (0, 4), LISTED_A, written_a)
+    b = listed_shard(tmp_path / "b.jsonl", rows_b, listed_b, LISTED_B)
+    assert expected in refused([a, b], tmp_path / "m.jsonl", aggregation=None)
+
+
+def test_the_input_bounds_the_rows_the_shards_must_cover(tmp_path: Path) -> None:
+    a = listed_shard(tmp_path / "a.jsonl", (2, 4), LISTED_A, LISTED_A)
+    b = listed_shard(tmp_path / "b.jsonl", (4, 9), LISTED_B, LISTED_B)
+    msg = refused([a, b], tmp_path / "m.jsonl", expected_tasks=range(12), aggregation=None)
+    assert f"input rows 0-1 are in no shard (before {a})" in msg
+    assert f"input rows 9-11 are in no shard (after {b})" in msg
+    assert merge_rollouts([a, b], tmp_path / "m.jsonl", expected_tasks=range(2, 9), aggregation=None).ok
+
+
+def test_a_shard_without_materialized_inputs_falls_back_to_the_rectangle(tmp_path: Path) -> None:
+    a = listed_shard(tmp_path / "a.jsonl", (0, 2), pairs(range(2), 2), pairs(range(2), 2))
+    b = shard(tmp_path / "b.jsonl", pairs(range(2, 4), 2))
+    manifest(a, 0, 2)
+    manifest(b, 2, 4)
+    check = merge_rollouts([a, b], tmp_path / "m.jsonl", aggregation=None)
+    assert check.expected_pairs is None and check.expected_tasks == range(4) and check.succeeded == 8

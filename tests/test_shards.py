@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -64,8 +65,49 @@ def test_merge_refuses_a_gap_naming_the_tasks(tmp_path: Path, clean_env: dict[st
                            "--num-repeats", str(REPEATS), "s0.jsonl", "s25.jsonl"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "missing tasks 10-24" in proc.stderr
+    assert "input rows 10-24 are in no shard (between s0.jsonl and s25.jsonl)" in proc.stderr
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def nemo_indexed_rows(n: int) -> list[dict[str, object]]:
+    """`n` rows where NeMo Gym's task indices are not row indices: every 5th line repeats an earlier one
+    byte for byte (one task index, more rollouts), and rows 40-49 carry their own `_ng_task_index`."""
+    rows: list[dict[str, object]] = []
+    for i, base in enumerate(make_rows(n)):
+        rows.append(rows[i // 3] if i % 5 == 4 else {**base, "_ng_task_index": 900 + i} if 40 <= i < 50 else base)
+    return rows
+
+
+def test_shards_of_duplicate_lines_and_caller_indices_merge_to_the_single_run(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    write_rows(tmp_path / "in.jsonl", nemo_indexed_rows(70))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
+        for k in range(3):
+            subprocess.run(collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", "num_shards=3", f"shard_id={k}"),
+                           cwd=tmp_path, env=clean_env, check=True, timeout=60, capture_output=True)
+        subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl"), cwd=tmp_path, env=clean_env,
+                       check=True, timeout=60, capture_output=True)
+    shards = sorted((tmp_path / "shards").glob("r_shard-*-of-03.jsonl"))
+    single = Counter(pairs(read_jsonl(tmp_path / "single.jsonl")))
+    assert len(shards) == 3 and max(single.values()) == 1
+    assert max(r for _, r in single) >= REPEATS and max(t for t, _ in single) >= 900  # not a rectangle
+    proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", "merged.jsonl", "--input", "in.jsonl",
+                           *map(str, shards)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert Counter(pairs(read_jsonl(tmp_path / "merged.jsonl"))) == single
+    assert f"{len(single)} (task, rollout) pairs" in proc.stdout
+
+    without_middle = subprocess.run([str(BIN / "merge_rollouts"), "--output", "m2.jsonl", str(shards[0]),
+                                     str(shards[2])], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert without_middle.returncode == 2
+    assert f"input rows 23-45 are in no shard (between {shards[0]} and {shards[2]})" in without_middle.stderr
+    without_last = subprocess.run([str(BIN / "merge_rollouts"), "--output", "m3.jsonl", "--input", "in.jsonl",
+                                   str(shards[0]), str(shards[1])], cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=60)
+    assert without_last.returncode == 2 and f"input rows 46-69 are in no shard (after {shards[1]})" in \
+        without_last.stderr
+    assert not (tmp_path / "m2.jsonl").exists() and not (tmp_path / "m3.jsonl").exists()
 
 
 def test_shard_names_sort_in_order() -> None:
