@@ -177,7 +177,10 @@ class RunMetrics:
         }
 
     def _agent(self, agent: str) -> Counter[str]:
-        return self.by_agent.setdefault(agent, Counter())
+        counts = self.by_agent.get(agent)
+        if counts is None:
+            counts = self.by_agent[agent] = Counter()
+        return counts
 
 
 class Progress:

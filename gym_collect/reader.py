@@ -110,16 +110,22 @@ class JsonlRows:
         start, stop = self.selection.start_idx, self.selection.stop_idx
         expected = self.expected
         digest = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        through_selection = digest.copy()  # the bytes up to the end of the last selected row's line
+        # the digest of the bytes up to the end of the last selected row's line; None while that is `digest`
+        # itself (only a blank line after a selected row makes them differ, so copies are rare)
+        through_selection: Any = digest.copy()
         seen = 0
         index = -1
         with _open_input(self.path) as f:
             for line_no, raw in enumerate(f, 1):
-                digest.update(raw)
                 if line_no == 1 and raw.startswith(BOM):
+                    digest.update(BOM)
                     raw = raw[len(BOM):]
                 if not raw.strip():
+                    if through_selection is None:
+                        through_selection = digest.copy()
+                    digest.update(raw)
                     continue
+                digest.update(raw)
                 index += 1
                 if index < start:
                     if self.include_prefix:
@@ -131,10 +137,10 @@ class JsonlRows:
                 if expected is not None and seen % STAT_EVERY_ROWS == 0 and self._moved(expected):
                     return
                 yield _parse_row(raw, index, line_no)
-                through_selection = digest.copy()
+                through_selection = None
                 if stop is not None and index + 1 >= stop:
                     break
-            selection_digest = through_selection.hexdigest()
+            selection_digest = (digest if through_selection is None else through_selection).hexdigest()
             if self.read_to_end:
                 size = f.tell()
                 for raw in f:

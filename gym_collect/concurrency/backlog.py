@@ -162,5 +162,5 @@ class Backlog(Generic[T]):
     def _awaited(self) -> Iterable[str]:
         """The backends that may still get items from the input."""
         if self._remaining is None:
-            return self.limits.backends
+            return self.limits.backend_names()
         return (backend for backend, left in self._remaining.items() if left > 0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from gym_collect.concurrency.limiter import AdaptiveLimit, AdaptiveLimitConfig
@@ -137,10 +137,14 @@ class InFlightLimits:
             return total
         return self.shared if total is None else min(total, self.shared)
 
+    def backend_names(self) -> Iterable[str]:
+        """The backend keys known so far, as a live view (no copy)."""
+        return self._backends.keys()
+
     def has_room(self, backend: str) -> bool:
         """True when a new request for `backend` may start now."""
-        pool = self._pool(backend)
-        if pool.waiters or not self._shared_room():
+        pool = self._backends.get(backend) or self._pool(backend)
+        if pool.waiters or (self.shared is not None and self.in_flight >= self.shared):
             return False
         limit = pool.limit
         return limit is None or (pool.in_flight < limit and pool.in_flight + pool.parked < 2 * limit)

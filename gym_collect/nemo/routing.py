@@ -96,7 +96,7 @@ class RowRouter:
     def key(self, row: Mapping[str, Any], where: str) -> RouteKey:
         """The row's `RouteKey`; raises `ConfigError` naming `where` when nothing routes it."""
         ref = row.get(AGENT_REF_KEY)
-        agent = ref.get("name") if isinstance(ref, Mapping) and isinstance(ref.get("name"), str) else None
+        agent = ref.get("name") if isinstance(ref, dict) and isinstance(ref.get("name"), str) else None
         source = row.get(TASK_SOURCE_KEY)
         source = source if isinstance(source, str) else None
         basis = agent if agent is not None else source
@@ -185,7 +185,7 @@ def materialized_taskset(row: Mapping[str, Any]) -> str | None:
     """The taskset of a materialized task row (`task_id.taskset` and `task_input`), else None
     (`nemo_gym/episode_types.py:58-65`)."""
     task_id = row.get("task_id")
-    if not isinstance(task_id, Mapping) or "task_input" not in row:
+    if not isinstance(task_id, dict) or "task_input" not in row:
         return None
     taskset = task_id.get("taskset")
     return taskset if isinstance(taskset, str) and taskset else None

@@ -49,10 +49,12 @@ class LineFile:
 
     def write(self, data: bytes) -> None:
         """Append `data` (whole `\\n`-terminated lines) in one go, or not at all."""
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view):]
+            written = os.write(self._fd, data)
+            if written < len(data):  # a short write (a signal, a full pipe): write the rest
+                view = memoryview(data)[written:]
+                while view:
+                    view = view[os.write(self._fd, view):]
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(self._fd, self.size)
