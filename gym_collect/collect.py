@@ -29,7 +29,6 @@ from gym_collect.deadline import ADAPTIVE_MARGIN_PERCENTILE, DispatchDeadline
 from gym_collect.deadline import REASON as DISPATCH_BUDGET
 from gym_collect.errors import GymCollectError, InputError
 from gym_collect.metrics import Progress, RunMetrics
-from gym_collect.nemo.aggregation import aggregate_run, targets_from_routes
 from gym_collect.nemo.failures import PriorAttempts, max_rollout_attempts
 from gym_collect.nemo.head import HeadDocument, fetch_head_document
 from gym_collect.nemo.keys import notices
@@ -241,6 +240,9 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
 async def _aggregate(cfg: CollectConfig, client: AgentClient, paths: OutputPaths, routes: Mapping[str, Route],
                      shutdown: Shutdown) -> None:
     """`aggregate_run` as a task a signal stops (`Shutdown.aggregating`); then the finishing phase again."""
+    # imported here: its metric code costs ~60 ms of start-up, which runs with disable_aggregation=true skip
+    from gym_collect.nemo.aggregation import aggregate_run, targets_from_routes
+
     aggregation = asyncio.ensure_future(aggregate_run(
         client.session, paths, targets_from_routes(routes),
         count_failure_classes_as_zero=cfg.count_failure_classes_as_zero,
