@@ -232,7 +232,8 @@ class Runner:
         attempt = 0
         while True:
             attempt += 1
-            await self._wait_if_paused(request.agent_name)
+            if self._paused_until:  # a 429's Retry-After paused some agent (rare): no await otherwise
+                await self._wait_if_paused(request.agent_name)
             start = self.clock()
             self.metrics.note_request()
             try:
