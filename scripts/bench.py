@@ -377,6 +377,10 @@ class FirstRequestServer:
         self._ready.set()
         self._loop.run_forever()
         self._loop.run_until_complete(runner.cleanup())
+        handlers = asyncio.all_tasks(self._loop)  # keep-alive handlers of connections the clients left open
+        for task in handlers:
+            task.cancel()
+        self._loop.run_until_complete(asyncio.gather(*handlers, return_exceptions=True))
         self._loop.close()
 
     async def _run(self, request: web.Request) -> web.Response:
