@@ -315,11 +315,12 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
         raise MergeMismatch(f"the expected tasks {_span(expected_tasks)} do not contain the shards' row ranges "
                             f"{_span(plan.tasks)} (from their manifests)")
     listed = [OutputPaths(Path(p)).materialized_inputs for p in paths]
-    if plan.row_ranges is not None and all(m.is_file() for m in listed):
+    ranges = plan.row_ranges or {}
+    if all(Path(p) in ranges and m.is_file() for p, m in zip(paths, listed, strict=True)):
         # NeMo Gym's indices (shared by identical lines, a caller's own, a num_repeats map) are what the
         # shards' materialized inputs list; the manifests' row ranges show a shard missing altogether
         check = check_shards(paths, None, num_repeats or plan.num_repeats or 1, strict=strict,
-                             materialized=listed, row_ranges=[plan.row_ranges[Path(p)] for p in paths],
+                             materialized=listed, row_ranges=[ranges[Path(p)] for p in paths],
                              rows=expected_tasks)
     else:
         check = check_shards(paths, expected_tasks if expected_tasks is not None else plan.tasks,

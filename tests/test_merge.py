@@ -572,3 +572,10 @@ def test_a_shard_without_materialized_inputs_falls_back_to_the_rectangle(tmp_pat
     manifest(b, 2, 4)
     check = merge_rollouts([a, b], tmp_path / "m.jsonl", aggregation=None)
     assert check.expected_pairs is None and check.expected_tasks == range(4) and check.succeeded == 8
+
+
+def test_a_missing_shard_file_with_materialized_inputs_left_is_named(tmp_path: Path) -> None:
+    a = listed_shard(tmp_path / "a.jsonl", (0, 4), LISTED_A, LISTED_A)
+    b = listed_shard(tmp_path / "b.jsonl", (4, 9), LISTED_B, LISTED_B)
+    b.unlink()  # its manifest and materialized inputs stay
+    assert f"{b}: shard file not found" in refused([a, b], tmp_path / "m.jsonl", aggregation=None)
