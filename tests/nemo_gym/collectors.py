@@ -100,3 +100,14 @@ def run_tool(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
     argv = [str(TOOL_BIN / "collect_rollouts"), *args, f"+output_jsonl_fpath={output}",
             f"head_server_url={stack.head_url}"]
     return _run("tool", argv, cwd, output, stack, stub, {**_environment(), **(extra_env or {})})
+
+
+def run_merge(stack: NemoGymStack, stub: StubModel, cwd: Path, shards: list[Path]) -> CollectorRun:
+    """`merge_rollouts SHARDS -o <cwd>/rollouts.jsonl --head-server-url URL` in `cwd` (created): the merged output
+    as a run of its own (its `/aggregate_metrics` requests counted; `/run` requests and model calls are the
+    shards' runs', added by the caller)."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    output = cwd / OUTPUT_NAME
+    argv = [str(TOOL_BIN / "merge_rollouts"), *map(str, shards), "-o", str(output), "--head-server-url",
+            stack.head_url]
+    return _run("tool", argv, cwd, output, stack, stub, _environment())

@@ -17,13 +17,14 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.nemo_gym.collectors import CollectorRun, run_nemo, run_tool
+from tests.nemo_gym.collectors import CollectorRun, run_merge, run_nemo, run_tool
 from tests.nemo_gym.compare import (
     CHECKS,
     check_aggregate_metrics,
     check_failures,
     check_materialized_inputs,
     check_rollouts,
+    check_routing,
 )
 from tests.nemo_gym.conftest import report
 from tests.nemo_gym.stack import NemoGymStack
@@ -262,3 +263,33 @@ def test_resume_across_tools(direction: str, stack: NemoGymStack, stub: StubMode
     report({"case": f"resume_{direction}", "check": "resume", "diffs": diffs,
             "elapsed_s": round(time.monotonic() - started, 2), "final_exit": final.returncode})
     assert diffs == [], "\n".join([*diffs, final.describe()])
+
+
+def test_shards_merged_equal_nemo_gyms_single_run(stack: NemoGymStack, stub: StubModel,
+                                                  runs: dict[str, tuple[CollectorRun, CollectorRun]],
+                                                  tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The caller-indices-and-duplicates input split into two shards by the tool, merged by `merge_rollouts`
+    (aggregated by the environment servers through the head server), against NeMo Gym's single run."""
+    case = next(c for c in CASES if c.name == "caller_indices_and_duplicates")
+    if case.name not in runs:
+        runs[case.name] = run_case(case, stack, stub, tmp_path_factory.mktemp("conformance"))
+    nemo, _ = runs[case.name]
+    base = tmp_path_factory.mktemp("shards")
+    source = base / "input.jsonl"
+    source.write_bytes(case.build())
+    shard_runs = [run_tool(stack, stub, base / "shards", [f"+input_jsonl_fpath={source}", *case.args,
+                                                          "+num_shards=2", f"+shard_id={k}"]) for k in range(2)]
+    assert all(r.returncode == 0 for r in shard_runs), [r.describe() for r in shard_runs]
+    merged = run_merge(stack, stub, base / "merged", sorted((base / "shards").glob("rollouts_shard-*-of-02.jsonl")))
+    assert merged.returncode == 0, merged.describe()
+    for shard in shard_runs:
+        merged.run_counts.update(shard.run_counts)
+        merged.model_requests.extend(shard.model_requests)
+    diffs = [*check_rollouts(nemo, merged), *check_routing(nemo, merged), *check_aggregate_metrics(nemo, merged)]
+    a = sorted(orjson.dumps(line, option=orjson.OPT_SORT_KEYS) for line in nemo.lines("_materialized_inputs.jsonl"))
+    b = sorted(orjson.dumps(line, option=orjson.OPT_SORT_KEYS) for line in merged.lines("_materialized_inputs.jsonl"))
+    if a != b:
+        diffs.append(f"materialized inputs: {len(a)} lines from NeMo Gym, {len(b)} merged from the shards, "
+                     "not the same set")
+    report({"case": "shards_merged", "check": "merge", "diffs": diffs})
+    assert diffs == [], "\n".join([*diffs, merged.describe()])
