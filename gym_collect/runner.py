@@ -351,12 +351,15 @@ def dispatch_gc() -> Iterator[None]:
     aiohttp): 7-9% of the CPU of a fast run. So the heap that exists when dispatch starts is frozen out of
     the collector's view (`gc.freeze`, https://docs.python.org/3/library/gc.html#gc.freeze) and young
     objects are collected every `DISPATCH_GC_THRESHOLD` allocations; cycles are still freed, a little later.
+    When the process had frozen objects of its own, everything stays frozen afterwards.
     """
     threshold = gc.get_threshold()
+    frozen_before = gc.get_freeze_count()
     gc.freeze()
     gc.set_threshold(DISPATCH_GC_THRESHOLD, *threshold[1:])
     try:
         yield
     finally:
         gc.set_threshold(*threshold)
-        gc.unfreeze()
+        if not frozen_before:
+            gc.unfreeze()

@@ -4,6 +4,7 @@ objects in simulated time, then the collector against real servers on 127.0.0.1,
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections import Counter, deque
 from pathlib import Path
@@ -21,8 +22,9 @@ from gym_collect.concurrency.sim import SimBackend, simulate
 from gym_collect.concurrency.spill import SpillQueue
 from gym_collect.config import CollectConfig
 from gym_collect.errors import OutputError
+from gym_collect.runner import DISPATCH_GC_THRESHOLD, dispatch_gc
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
-from tests.conftest import pairs, read_jsonl, write_rows
+from tests.conftest import config, make_rows, pairs, read_jsonl, write_rows
 from tests.servers import LoopbackServer, echo_rollout
 
 # ------------------------------------------------------------------------------------------ pure objects
@@ -219,3 +221,28 @@ async def test_rows_read_ahead_do_not_start_after_the_dispatch_budget(tmp_path: 
     assert small_done <= budget_s / service_s + 2
     assert second.exit_code == EXIT_OK
     assert sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(2 * n)]
+
+
+async def test_dispatch_runs_with_the_start_up_heap_frozen_and_restores_the_collector(tmp_path: Path) -> None:
+    """The garbage collector's settings while `/run` requests are answered, and after the run."""
+    seen: list[tuple[int, int]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        seen.append((gc.get_threshold()[0], gc.get_freeze_count()))  # the server shares the collector's process
+        return await echo_rollout(request)
+
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    write_rows(tmp_path / "in.jsonl", make_rows(20))
+    with LoopbackServer({"POST /run": record}) as server:
+        result = await collect(config(tmp_path / "in.jsonl", tmp_path / "out.jsonl", server.url))
+    assert result.exit_code == EXIT_OK and len(seen) == 20
+    assert all(threshold == DISPATCH_GC_THRESHOLD and frozen > 0 for threshold, frozen in seen)
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
+
+
+def test_dispatch_gc_restores_the_collector_when_dispatch_fails() -> None:
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    with pytest.raises(OutputError), dispatch_gc():
+        assert gc.get_threshold()[0] == DISPATCH_GC_THRESHOLD
+        raise OutputError("disk full")
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
