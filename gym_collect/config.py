@@ -98,8 +98,9 @@ class CollectConfig(NemoGymOnlyKeys):
     output_jsonl_fpath: str | None = None
 
     agent_name: str | None = None
-    agent_map: dict[str, str] | None = None
-    fan_out: dict[str, list[str]] | None = None
+    # empty, not None, by default: OmegaConf cannot merge `+agent_map={...}` or `agent_map.KEY=...` into a None node
+    agent_map: dict[str, str] | None = field(default_factory=dict)
+    fan_out: dict[str, list[str]] | None = field(default_factory=dict)
     agent_url: str | None = None
     agents: dict[str, str] = field(default_factory=dict)
     head_server: HeadServerConfig = field(default_factory=HeadServerConfig)

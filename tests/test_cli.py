@@ -51,6 +51,39 @@ def test_compose_gives_typed_config_with_defaults_and_overrides() -> None:
 
 
 @pytest.mark.parametrize(
+    ("override", "field", "expected"),
+    [("+agent_map={a:b,_default:c}", "agent_map", {"a": "b", "_default": "c"}),
+     ("+agent_map.a=b", "agent_map", {"a": "b"}),
+     ("agent_map=null", "agent_map", None),
+     ("+fan_out={a:[b,c]}", "fan_out", {"a": ["b", "c"]}),
+     ("fan_out.a=[b]", "fan_out", {"a": ["b"]}),
+     ("+num_repeats={a:3,_default:2}", "num_repeats", {"a": 3, "_default": 2}),
+     ("+num_repeats.a=3", "num_repeats", {"a": 3}),
+     ("+num_repeats=null", "num_repeats", 1),
+     ("+environment_server_routes={ts:env}", "environment_server_routes", {"ts": "env"}),
+     ("+count_failure_classes_as_zero=[agent_run_error]", "count_failure_classes_as_zero", ["agent_run_error"]),
+     ("+responses_create_params={temperature:0.5}", "responses_create_params", {"temperature": 0.5}),
+     ("+head_server.port=11001", "head_server_url", "http://127.0.0.1:11001"),
+     ("+limit=0", "limit", None)],
+)
+def test_nemo_gym_command_line_values_land_in_the_config(override: str, field: str, expected: object) -> None:
+    assert getattr(compose_config(override), field) == expected
+
+
+def test_every_mapping_and_list_key_takes_a_whole_literal_with_plus() -> None:
+    """NeMo Gym users write `+key={...}` and `+key=[...]`: every mapping or list key of the schema takes one (a
+    key whose default is None would fail to merge)."""
+    items = {"agents": "k:'http://127.0.0.1:8000'", "fan_out": "k:[v]", "num_repeats": "k:1"}
+    defaults = vars(compose_config())
+    keys = [name for name, value in defaults.items() if isinstance(value, dict | list) or name == "num_repeats"]
+    assert {"agent_map", "fan_out", "num_repeats", "agents", "count_failure_classes_as_zero"} <= set(keys)
+    for name in keys:
+        literal = "[v]" if isinstance(defaults[name], list) else "{" + items.get(name, "k:v") + "}"
+        value = getattr(compose_config(f"+{name}={literal}"), name)
+        assert isinstance(value, type(defaults[name]) if defaults[name] != 1 else dict) and value, name
+
+
+@pytest.mark.parametrize(
     ("override", "message"),
     [("limit=-1", "limit=-1 is invalid"), ("num_samples_in_parallel=0", "num_samples_in_parallel=0 is invalid"),
      ("end_idx=2", "end_idx=2 is below start_idx=5"), ("num_repeats=0", "num_repeats=0 is invalid"),

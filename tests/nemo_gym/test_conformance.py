@@ -90,6 +90,11 @@ def task_source_rows() -> bytes:
     return lines(mixed)
 
 
+def mixed_rows() -> bytes:
+    """Weather rows (the simple agent) and gymnasium rows (their own agent), alternating."""
+    return lines([r for pair in zip(weather(SIMPLE_AGENT), gymnasium(), strict=True) for r in pair])
+
+
 def prompt_rows() -> bytes:
     """Gymnasium rows with the question in a field and no `responses_create_params.input` (for `prompt_config`)."""
     rows = []
@@ -98,6 +103,11 @@ def prompt_rows() -> bytes:
         rows.append({**row, "question": row["responses_create_params"]["input"][0]["content"],
                      "responses_create_params": rcp})
     return lines(rows)
+
+
+def hydra_dict(items: str) -> str:
+    """The Hydra dict literal `{items}`, its braces doubled for the `str.format` that fills in a case's arguments."""
+    return "{{" + items + "}}"
 
 
 PROMPT_YAML = "system: Answer in one short sentence.\nuser: 'Question: {question}'\n"
@@ -132,8 +142,7 @@ CASES: tuple[Case, ...] = (
     Case("plain_agent", lambda: lines(weather()), (f"+agent_name={SIMPLE_AGENT}",)),
     Case("num_repeats", lambda: lines(gymnasium()), ("+num_repeats=3",)),
     Case("limit", lambda: lines(gymnasium()), ("+limit=2", "+num_repeats=2")),
-    Case("mixed_dataset", lambda: lines([r for pair in zip(weather(SIMPLE_AGENT), gymnasium(), strict=True)
-                                         for r in pair]), ("+num_repeats=2",)),
+    Case("mixed_dataset", mixed_rows, ("+num_repeats=2",)),
     Case("single_agent_turn", lambda: lines(weather()), (f"+agent_name={SESSION_AGENT}",)),
     Case("agent_name_overrides_rows", lambda: lines(weather(SESSION_AGENT)), (f"+agent_name={SIMPLE_AGENT}",)),
     Case("task_source_rows", task_source_rows, ()),
@@ -151,6 +160,8 @@ CASES: tuple[Case, ...] = (
          (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=false", "+num_samples_in_parallel=1")),
     Case("caller_indices_and_duplicates", caller_indices_and_duplicates,
          (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2")),
+    Case("crlf_lines_and_duplicates", lambda: caller_indices_and_duplicates().replace(b"\n", b"\r\n"),
+         (f"+agent_name={SIMPLE_AGENT}",)),
     Case("num_repeats_add_seed", lambda: lines(weather()),
          (f"+agent_name={SIMPLE_AGENT}", "+num_repeats=2", "+num_repeats_add_seed=true")),
     Case("prompt_config", prompt_rows, ("+prompt_config={prompt}",)),
@@ -162,6 +173,16 @@ CASES: tuple[Case, ...] = (
           "+count_failure_classes_as_zero=[agent_run_error]")),
     Case("count_missing_rollouts_as_zero", weather_failing,
          (f"+agent_name={SIMPLE_AGENT}", "+route_failures_to_sidecar=true", "+count_missing_rollouts_as_zero=true")),
+    Case("num_repeats_map", mixed_rows, ("+num_repeats=" + hydra_dict(f"{SIMPLE_AGENT}:3,_default:2"),)),
+    Case("num_repeats_null", lambda: lines(gymnasium()), ("+num_repeats=null",)),
+    Case("agent_map", lambda: lines(weather(SESSION_AGENT)),
+         ("+agent_map=" + hydra_dict(f"{SESSION_AGENT}:{SIMPLE_AGENT}"),)),
+    Case("fan_out", lambda: lines(weather(SIMPLE_AGENT)),
+         ("+fan_out=" + hydra_dict(f"{SIMPLE_AGENT}:[{SIMPLE_AGENT},{SESSION_AGENT}]"),)),
+    Case("interleave_repeats", mixed_rows, ("+num_repeats=2", "+interleave_repeats=true")),
+    Case("responses_create_params", lambda: lines(weather()),
+         (f"+agent_name={SIMPLE_AGENT}", "+responses_create_params.temperature=0.25",
+          "+responses_create_params.max_output_tokens=64")),
 )
 
 
