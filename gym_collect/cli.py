@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from gym_collect.collect import run_collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import ConfigError, GymCollectError
+from gym_collect.nemo.env_yaml import find_env_yaml, head_server_overrides
 from gym_collect.overrides import (
     HYDRA_COMPLETION_FLAGS,
     OVERRIDE,
@@ -163,7 +164,8 @@ def _redacted_console(hidden: HiddenSecrets) -> Iterator[None]:
 
 
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
-    """A console entry point: check the overrides, hide literal secrets, let Hydra compose the config and
+    """A console entry point: check the overrides, hide literal secrets, take the head server from NeMo Gym's
+    `env.yaml` when there is one (`gym_collect.nemo.env_yaml`), let Hydra compose the config and
     run `job(typed_config)` for each job (several with `-m`, under any Hydra launcher), and exit with the
     highest exit code (from `gym_collect.sweep` for a multirun); a `GymCollectError` becomes one logged line
     and its exit code. `prog` is also `hydra.job.name`."""
@@ -184,13 +186,15 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         try:
             args = normalize_overrides(sys.argv[1:])
             hidden = hide_secrets(args)
+            completion = any(a in HYDRA_COMPLETION_FLAGS for a in args)
+            env_yaml = None if completion else find_env_yaml()
+            pinned = head_server_overrides(env_yaml) if env_yaml is not None else []  # before args: they win
         except ConfigError as exc:
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
         hidden.export()
-        completion = any(a in HYDRA_COMPLETION_FLAGS for a in args)
         named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
-        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *hidden.args,
+        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *pinned, *hidden.args,
                     *dry_run_overrides(args)]
         Sweep.current = None
         hydra_exit = 0

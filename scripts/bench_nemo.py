@@ -4,7 +4,7 @@ run (issue: NeMo Gym 0.7 drop-in, the files NeMo Gym users rely on).
 Both collectors get the same rows (real NeMo Gym rows, replicated), the same `num_samples_in_parallel` and the same
 stand-in server: the simulated agent in its own process (a fresh one per run, same settings), which serves the head
 server's document (0.7 shape: the agent behind an environment server), `POST /run` and `POST /aggregate_metrics`.
-Both go through the head server (NeMo Gym through `env.yaml`, `collect_rollouts` through `head_server_url`) and both
+Both find the head server through an `env.yaml` in their working directory, and both
 write their materialized inputs and aggregate metrics. Figures:
 
   1. throughput: rollouts/s of `collect_rollouts` / of `ng_collect_rollouts`, each counted over the whole process
@@ -64,15 +64,16 @@ def run_nemo(venv: Path, workdir: Path, rows_path: Path, head_port: int, paralle
     return run_child(cmd, cwd=cwd, log_path=workdir / "nemo.log", watch=output, timeout_s=TIMEOUT_S), output
 
 
-def run_tool(workdir: Path, rows_path: Path, head_url: str, parallelism: int) -> tuple[ChildRun, Path]:
-    """`collect_rollouts` in `workdir/tool`, the same arguments plus `head_server_url`."""
+def run_tool(workdir: Path, rows_path: Path, head_port: int, parallelism: int) -> tuple[ChildRun, Path]:
+    """`collect_rollouts` in `workdir/tool` (an `env.yaml` there names the head server, as for NeMo Gym), the same
+    arguments plus `progress=false` and a `hydra.run.dir`."""
     cwd = workdir / "tool"
     cwd.mkdir()
+    (cwd / "env.yaml").write_text(yaml.safe_dump({"head_server": {"host": "127.0.0.1", "port": head_port}}))
     output = cwd / "rollouts.jsonl"
     cmd = [str(Path(sys.executable).parent / "collect_rollouts"), f"+agent_name={AGENT}",
            f"+input_jsonl_fpath={rows_path}", f"+output_jsonl_fpath={output}",
-           f"+num_samples_in_parallel={parallelism}", f"head_server_url={head_url}", "progress=false",
-           f"hydra.run.dir={cwd / '.hydra'}"]
+           f"+num_samples_in_parallel={parallelism}", "progress=false", f"hydra.run.dir={cwd / '.hydra'}"]
     return run_child(cmd, cwd=cwd, log_path=workdir / "tool.log", watch=output, timeout_s=TIMEOUT_S), output
 
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             with SimServer(workdir / f"sim_{name}.log", **sim_flags) as sim:
                 port = int(sim.url.rsplit(":", 1)[1])
                 runs[name] = (run_nemo(venv, workdir, rows_path, port, args.parallelism) if name == "nemo"
-                              else run_tool(workdir, rows_path, sim.url, args.parallelism))
+                              else run_tool(workdir, rows_path, port, args.parallelism))
         ok = True
         for name, (run, output) in runs.items():
             written = count_lines(output) if output.exists() else 0

@@ -95,6 +95,6 @@ def rows_file(tmp_path: Path) -> Path:
 @pytest.fixture
 def clean_env() -> dict[str, str]:
     """The environment for subprocesses, without variables that change Hydra's or Python's behaviour."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "PYTEST_"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HYDRA_", "PYTEST_", "NEMO_GYM_"))}
     env["PYTHONUNBUFFERED"] = "1"
     return env

@@ -2,9 +2,8 @@
 
 Both get the same `+key=value` arguments on the same input file, one after the other against the same stack: in
 separate directories (`<case>/nemo/`, `<case>/tool/`) side by side, or in one directory for resume across the tools.
-The only argument that differs is where the head server is: NeMo Gym reads `head_server` from an `env.yaml` in its
-working directory (how NeMo Gym users pin it), and `collect_rollouts` gets `head_server_url=` (it does not read
-`env.yaml`). Around each run the harness records which server instances received `POST /run`
+Both find the head server the NeMo Gym way, from an `env.yaml` in the working directory, so the command lines are
+identical. Around each run the harness records which server instances received `POST /run`
 and `POST /aggregate_metrics`
 (`NemoGymStack.take_request_counts`) and the bodies the stub model received.
 """
@@ -85,8 +84,7 @@ def _run(name: str, argv: list[str], cwd: Path, output: Path, stack: NemoGymStac
 def run_nemo(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
              extra_env: dict[str, str] | None = None) -> CollectorRun:
     """`ng_collect_rollouts ARGS +output_jsonl_fpath=<cwd>/rollouts.jsonl` in `cwd` (created, with an `env.yaml`)."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / "env.yaml").write_text(yaml.safe_dump({"head_server": {"host": "127.0.0.1", "port": stack.head_port}}))
+    _pin_head_server(cwd, stack)
     output = cwd / OUTPUT_NAME
     argv = [str(stack.venv / "bin" / "ng_collect_rollouts"), *args, f"+output_jsonl_fpath={output}"]
     return _run("nemo", argv, cwd, output, stack, stub, {**_environment(), **(extra_env or {})})
@@ -94,12 +92,17 @@ def run_nemo(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
 
 def run_tool(stack: NemoGymStack, stub: StubModel, cwd: Path, args: list[str],
              extra_env: dict[str, str] | None = None) -> CollectorRun:
-    """`collect_rollouts ARGS +output_jsonl_fpath=<cwd>/rollouts.jsonl head_server_url=URL` in `cwd` (created)."""
-    cwd.mkdir(parents=True, exist_ok=True)
+    """`collect_rollouts ARGS +output_jsonl_fpath=<cwd>/rollouts.jsonl` in `cwd` (created, with an `env.yaml`)."""
+    _pin_head_server(cwd, stack)
     output = cwd / OUTPUT_NAME
-    argv = [str(TOOL_BIN / "collect_rollouts"), *args, f"+output_jsonl_fpath={output}",
-            f"head_server_url={stack.head_url}"]
+    argv = [str(TOOL_BIN / "collect_rollouts"), *args, f"+output_jsonl_fpath={output}"]
     return _run("tool", argv, cwd, output, stack, stub, {**_environment(), **(extra_env or {})})
+
+
+def _pin_head_server(cwd: Path, stack: NemoGymStack) -> None:
+    """Create `cwd` with an `env.yaml` naming the stack's head server, as NeMo Gym users pin it."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "env.yaml").write_text(yaml.safe_dump({"head_server": {"host": "127.0.0.1", "port": stack.head_port}}))
 
 
 def run_merge(stack: NemoGymStack, stub: StubModel, cwd: Path, shards: list[Path]) -> CollectorRun:
