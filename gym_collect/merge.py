@@ -50,7 +50,7 @@ from gym_collect.reader import count_rows
 from gym_collect.redact import url_secrets
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
-from gym_collect.writer import OutputPaths
+from gym_collect.writer import OutputPaths, not_a_file
 
 __all__ = ["MergeAggregation", "MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts",
            "plan_from_manifests"]
@@ -306,6 +306,9 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     for target in targets:
         if target.resolve() in inputs:
             raise OutputError(f"output {target} would overwrite an input file: choose another --output")
+        if (kind := not_a_file(target)) is not None:
+            raise OutputError(f"{target} is {kind}, which the merge would replace: move it away or choose "
+                              "another --output")
     plan = plan_from_manifests(paths) if use_manifests else ShardPlan({}, None, None, 0)
     if plan.num_repeats is not None and num_repeats not in (None, plan.num_repeats):
         raise MergeMismatch(f"--num-repeats {num_repeats} contradicts the shards' manifests "

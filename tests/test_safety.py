@@ -486,6 +486,37 @@ def test_an_input_that_is_not_a_regular_file_is_refused_at_start(tmp_path: Path,
     assert "is not a regular file" in one_error_line(output)
 
 
+@pytest.mark.parametrize("special", ["output_fifo", "output_link_to_device", "side_file_fifo", "side_file_dir"])
+def test_an_output_path_that_is_not_a_file_is_refused_and_left_as_it_is(tmp_path: Path, clean_env: dict[str, str],
+                                                                       special: str) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(2))
+    target = tmp_path / ("out.jsonl" if special.startswith("output") else "out_failures.jsonl")
+    if special.endswith("fifo"):
+        os.mkfifo(target)
+    elif special.endswith("dir"):
+        target.mkdir()
+    else:
+        target.symlink_to("/dev/null")  # a regression would unlink the link, never the device
+    kind = target.stat().st_mode
+    code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                       "agent_url=http://127.0.0.1:9", timeout=30)
+    assert code == EXIT_ERROR
+    assert "which a run would remove or replace" in one_error_line(output)
+    assert target.stat().st_mode == kind and target.is_symlink() == special.endswith("device")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "outputs") == sorted(["in.jsonl", target.name])
+
+
+async def test_merge_refuses_an_output_that_is_not_a_file(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(2))
+    assert (await collect(config(inp, tmp_path / "shard.jsonl", sim.url))).exit_code == EXIT_OK
+    os.mkfifo(tmp_path / "merged.jsonl")
+    proc = subprocess.run([str(Path(sys.executable).parent / "merge_rollouts"), "-o", "merged.jsonl",
+                           "shard.jsonl", "--no-aggregation"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "merged.jsonl is a pipe" in proc.stderr
+    assert (tmp_path / "merged.jsonl").is_fifo()
+
+
 async def test_resume_over_a_line_whose_agent_ref_is_null(tmp_path: Path, sim: SimAgent) -> None:
     inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
     out = tmp_path / "out.jsonl"

@@ -97,6 +97,11 @@ def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
             f"{paths.output / 'rollouts.jsonl'}"
         )
     for written in paths.written:
+        kind = not_a_file(written)
+        if kind is not None:
+            which = "output_jsonl_fpath" if written == paths.output else f"side file {written.name} of the output"
+            raise ConfigError(f"{written}: {which} is {kind}, which a run would remove or replace: move it away "
+                              "or choose another output_jsonl_fpath")
         for read in reads:
             if _same_file(written, read):
                 which = "output_jsonl_fpath" if written == paths.output else f"the side file {written.name}"
@@ -104,6 +109,22 @@ def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
                     f"{read}: the input would be overwritten: it is {which} of output {paths.output}; "
                     "choose another output_jsonl_fpath"
                 )
+
+
+def not_a_file(path: Path) -> str | None:
+    """What `path` is when it exists and is not a regular file (links followed): "a directory", "a device",
+    "a pipe" or "a socket"; None for a regular file or nothing."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a pipe"
+    return "a socket" if stat.S_ISSOCK(mode) else "a device"
 
 
 def check_output_folder(paths: OutputPaths) -> None:
