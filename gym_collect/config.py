@@ -171,6 +171,7 @@ class CollectConfig(NemoGymOnlyKeys):
         self.limit = self.limit or None  # NeMo Gym: 0 means no limit
         self.num_repeats = _parse_num_repeats(self.num_repeats)
         self._fold_agent_name_into_agent_map()
+        self._check_fan_out()
         _require(self.environment_routing_mode in ("agent", "legacy", "taskset"), "environment_routing_mode",
                  self.environment_routing_mode, "'agent', 'legacy' or 'taskset'")
         if self.environment_routing_mode == "legacy" and not self.environment_server_name:
@@ -237,6 +238,17 @@ class CollectConfig(NemoGymOnlyKeys):
             raise ConfigError(f"agent_name={self.agent_name!r} conflicts with agent_map._default={default!r}: "
                               "set only one of them")
         self.agent_map = {**(self.agent_map or {}), "_default": self.agent_name}
+
+    def _check_fan_out(self) -> None:
+        """NeMo Gym 0.7's checks (`rollout_collection.py:1526-1540`): no empty list, no agent listed twice."""
+        for key, agents in (self.fan_out or {}).items():
+            if not agents:
+                raise ConfigError(f"fan_out.{key} is an empty list, which would drop every matching row: remove "
+                                  "the key, or list at least one agent")
+            twice = sorted({a for a in agents if list(agents).count(a) > 1})
+            if twice:
+                raise ConfigError(f"fan_out.{key} lists the same agent more than once ({', '.join(twice)}): each "
+                                  "listed agent already runs every matching row; use num_repeats for repetition")
 
     def repeats_for(self, *keys: str | None) -> int | None:
         """`num_repeats` for a row routed by `keys` (the dispatched agent first, then the row's own routing
