@@ -172,10 +172,11 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 on_prior_failure=attempts.add,
             )
             await _materialize(outputs, rows, builder, cfg, found, shutdown, check=resuming)
+            gated = _gated_not_done(attempts, done)
             if resuming:
                 log.info("Resuming: %d rollouts already written, %d failure records (history kept), %d rollouts "
                          "that failed before are not retried (terminal, or %d attempts)", prior.rollouts,
-                         prior.failure_records, _gated_not_done(attempts, done), attempts.max_attempts)
+                         prior.failure_records, gated, attempts.max_attempts)
             if prior.duplicates:
                 log.warning("%s holds %d duplicate or out-of-range rollouts; they are left as they are",
                             paths.output, prior.duplicates)
@@ -202,8 +203,9 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
             requests = deadline.limit(iter_requests(rows, builder, is_done, _bad_row_rollouts(cfg), found.indexer,
                                                     interleave=cfg.interleave_repeats,
                                                     attempt_of=attempts.attempt_index if attempts.attempts else None))
-            log.info("Collecting %d rollouts (%d rows, %d already done) from %s into %s",
-                     expected - done.count, found.num_rows, done.count, input_path, output_path)
+            log.info("Collecting %d rollouts (%d rows, %d already done%s) from %s into %s",
+                     expected - done.count - gated, found.num_rows, done.count,
+                     f", {gated} not retried" if gated else "", input_path, output_path)
             with Progress(expected, done.count, cfg.progress) as progress:
                 runner = Runner(
                     client=client, agent_urls=urls, result_fields={a: r.stamps for a, r in routes.items()},
@@ -233,7 +235,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
         log.info("%s", line)
     log.info("Wrote %s and %s", paths.output, paths.metrics)
     code = _exit_code(cfg, metrics, in_output, expected, change)
-    _explain(code, paths, input_path, expected - in_output, metrics, change)
+    _explain(code, paths, input_path, expected - in_output, metrics, change, (gated, attempts.max_attempts))
     return RunResult(code, document, output_path)
 
 
@@ -466,17 +468,26 @@ def _exit_code(cfg: CollectConfig, metrics: RunMetrics, in_output: int, expected
 
 
 def _explain(code: int, paths: OutputPaths, input_path: Path, missing: int, metrics: RunMetrics,
-             change: str | None) -> None:
-    """One line saying why the exit code is not 0, and what to do."""
+             change: str | None, gated: tuple[int, int]) -> None:
+    """One line saying why the exit code is not 0, and what to do. `gated`: (rollouts whose earlier failures
+    resume does not retry, the attempts allowed across runs)."""
     if change is not None:
         log.error("%s changed during the run (%s): the rollouts written are of the rows as they were at start; "
                   "restore the input and rerun with resume=true, or start over with overwrite=true", input_path, change)
     elif code == EXIT_FAILURES:
         parts = [f"{metrics.failed} failed (see {paths.failures})" if metrics.failed else "",
                  f"{metrics.not_persisted} answered _ng_no_persist" if metrics.not_persisted else ""]
-        reasons = ", ".join(p for p in parts if p) or "failures kept from an earlier run"
-        log.error("%d selected rollouts are not in %s: %s; rerun with resume=true to retry them", missing,
-                  paths.output, reasons)
+        reasons = ", ".join(p for p in parts if p)
+        held, max_attempts = gated
+        for_good = (f"failed in earlier runs for good (terminal, or {max_attempts} attempts): resume=true leaves "
+                    "them; keep_permanent_failures=false retries terminal ones, a larger "
+                    "NEMO_GYM_MAX_ROLLOUT_ATTEMPTS the others, and a bad input row needs fixing first")
+        if not reasons:
+            log.error("%d selected rollouts are not in %s: they %s", missing, paths.output, for_good)
+            return
+        more = f"; {held} more {for_good}" if held else ""
+        log.error("%d selected rollouts are not in %s: %s; rerun with resume=true to retry them (terminal failures "
+                  "only with keep_permanent_failures=false)%s", missing, paths.output, reasons, more)
     elif code in (EXIT_STOPPED, EXIT_INTERRUPTED):
         log.error("Stopped (%s) with %d selected rollouts not in %s; rerun with resume=true to finish",
                   metrics.stopped_reason, missing, paths.output)

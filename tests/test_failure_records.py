@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -137,14 +138,22 @@ async def test_resume_counts_attempts_across_runs_and_keeps_the_history(tmp_path
 
 @pytest.mark.parametrize("keep", [True, False])
 async def test_terminal_failures_are_not_retried_unless_asked(tmp_path: Path, agent: ScriptedAgent,
-                                                              server: LoopbackServer, keep: bool) -> None:
+                                                              server: LoopbackServer, keep: bool,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
     inp, out = write_rows(tmp_path / "in.jsonl", make_rows(2)), tmp_path / "out.jsonl"
     agent.handled = {1: {"_ng_failure_class": "sandbox_crash", "_ng_failure_terminal": True}}
     await collect(config(inp, out, server.url))
     agent.handled = {}
-    result = await collect(config(inp, out, server.url, resume=True, keep_permanent_failures=keep))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gym_collect"):
+        result = await collect(config(inp, out, server.url, resume=True, keep_permanent_failures=keep))
     assert agent.attempts()[(1, 0)] == (1 if keep else 2)
     assert result.exit_code == (EXIT_FAILURES if keep else EXIT_OK)
+    said = "\n".join(record.getMessage() for record in caplog.records)
+    if keep:  # the last line says why resume leaves it and what would retry it, never "rerun with resume=true"
+        assert "Collecting 0 rollouts (2 rows, 1 already done, 1 not retried)" in said
+        assert "they failed in earlier runs for good" in said and "keep_permanent_failures=false" in said
+        assert "rerun with resume=true" not in said
 
 
 async def test_route_failures_to_sidecar_false_stops_at_the_first_failure_without_a_record(

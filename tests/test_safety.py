@@ -510,9 +510,9 @@ async def test_merge_refuses_an_output_that_is_not_a_file(tmp_path: Path, sim: S
     inp = write_rows(tmp_path / "in.jsonl", make_rows(2))
     assert (await collect(config(inp, tmp_path / "shard.jsonl", sim.url))).exit_code == EXIT_OK
     os.mkfifo(tmp_path / "merged.jsonl")
-    proc = subprocess.run([str(Path(sys.executable).parent / "merge_rollouts"), "-o", "merged.jsonl",
-                           "shard.jsonl", "--no-aggregation"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=60)
+    proc = await asyncio.to_thread(
+        subprocess.run, [str(Path(sys.executable).parent / "merge_rollouts"), "-o", "merged.jsonl", "shard.jsonl",
+                         "--no-aggregation"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "merged.jsonl is a pipe" in proc.stderr
     assert (tmp_path / "merged.jsonl").is_fifo()
 
