@@ -23,12 +23,13 @@ class Redactor:
     """Replaces every known secret in a text with `<redacted>`.
 
     Each secret is matched as given, JSON-escaped and percent-encoded, and so is each whitespace-separated
-    part of at least `MIN_SECRET_PART` characters (the token of `Bearer <token>`).
+    part of at least `MIN_SECRET_PART` characters (the token of `Bearer <token>`). A value shorter than that
+    (`X-Tenant: 1`) is no credential and cannot be cut out of text without garbling it: it is left alone.
     """
 
     def __init__(self, secrets: Iterable[str]) -> None:
         forms: set[str] = set()
-        for secret in filter(None, secrets):
+        for secret in (s for s in secrets if s and len(s) >= MIN_SECRET_PART):
             for part in (secret, *(p for p in secret.split() if len(p) >= MIN_SECRET_PART)):
                 forms.update({part, orjson.dumps(part).decode()[1:-1], quote(part, safe="")})
         ordered = sorted((f for f in forms if f), key=len, reverse=True)

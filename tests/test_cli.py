@@ -194,3 +194,17 @@ def test_literal_secrets_become_environment_references() -> None:
     assert hidden.redact("x Bearer abc def from-env u:p%40ss") == "x <redacted> <redacted> <redacted>"
     with pytest.raises(ConfigError, match="do not sweep secrets"):
         hide_secrets(["-m", "headers.A=a,b"])
+
+
+def test_a_short_header_value_leaves_every_log_line_readable(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(11))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0), agent_names=("my_agent",)) as sim:
+        proc = subprocess.run(
+            [COLLECT, "+agent_name=my_agent", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out/r.jsonl",
+             f"head_server_url={sim.url}", "progress=false", "+headers.X-Tenant=1",
+             "+headers.Authorization=Bearer tok-123456"],
+            cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode == 0, said
+    assert "Rollouts: 11 written" in said and "<redacted>" not in said
+    assert sim.stats.authorization_values == {"Bearer tok-123456"} and "tok-123456" not in said
