@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,26 @@ def test_prompt_config_builds_the_input_and_refuses_rows_that_have_one(tmp_path:
         builder.check({"question": "q", "kind": "k", "responses_create_params": {"input": "x"}}, "in.jsonl:2")
     with pytest.raises(InputError, match=r"in\.jsonl:3: the prompt template needs field 'kind'"):
         builder.check({"question": "q"}, "in.jsonl:3")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [('user: "{0}"\n', "positional field"), ('user: "{}"\n', "positional field"),
+     ('system: "{question"\nuser: x\n', "the system template is not a format string"),
+     ("[a, b\n", "not valid YAML at line 2"), ("user: 3\n", "needs a `user` template")],
+)
+def test_a_bad_prompt_template_is_refused_at_load(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "prompt.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=message) as raised:
+        PromptConfig.load(str(tmp_path / "prompt.yaml"))
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(("user", "message"), [("{question.x}", "AttributeError"), ("{question:d}", "ValueError"),
+                                               ("{question[0][1]}", "IndexError"), ("{kind}", "needs field 'kind'")])
+def test_a_row_the_template_cannot_fill_is_an_input_error_naming_it(user: str, message: str) -> None:
+    with pytest.raises(InputError, match=rf"in\.jsonl:4: .*{re.escape(message)}"):
+        PromptConfig(user).messages({"question": "q"}, "in.jsonl:4")
 
 
 def test_every_key_of_nemo_gym_0_7s_collector_is_accepted() -> None:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,11 +53,25 @@ class PromptConfig:
         """Read a prompt YAML file; raises `ConfigError` naming the file."""
         try:
             data = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"prompt_config={path}: cannot read it ({exc})") from None
+        except OSError as exc:
+            raise ConfigError(f"prompt_config={path}: cannot read it ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"prompt_config={path}: not valid YAML{where}; fix the file") from None
         if not isinstance(data, dict) or not isinstance(data.get("user"), str) or not isinstance(
                 data.get("system", ""), str):
             raise ConfigError(f"prompt_config={path}: needs a `user` template (and optionally `system`), as strings")
+        for name in ("system", "user"):
+            template = data.get(name)
+            try:
+                fields = [field for _, field, _, _ in string.Formatter().parse(template or "") if field is not None]
+            except ValueError as exc:
+                raise ConfigError(f"prompt_config={path}: the {name} template is not a format string ({exc}); "
+                                  "write a literal brace as {{ or }}") from None
+            if any(not field or field[0].isdigit() for field in fields):
+                raise ConfigError(f"prompt_config={path}: the {name} template has a positional field ({{}} or "
+                                  "{0}); name the row's field, as in {question}")
         return cls(data["user"], data.get("system"))
 
     def messages(self, row: Mapping[str, Any], where: str) -> list[dict[str, str]]:
@@ -64,9 +79,12 @@ class PromptConfig:
         try:
             messages = [] if self.system is None else [{"role": "system", "content": self.system.format_map(row)}]
             messages.append({"role": "user", "content": self.user.format_map(row)})
-        except (KeyError, IndexError, ValueError) as exc:
+        except KeyError as exc:
             raise InputError(f"{where}: the prompt template needs field {exc} but the row has only "
                              f"{', '.join(row)}; fix the template or the data") from None
+        except (AttributeError, IndexError, TypeError, ValueError) as exc:
+            raise InputError(f"{where}: the prompt template cannot be filled from this row ({type(exc).__name__}: "
+                             f"{exc}); fix the template or the data") from None
         return messages
 
 
