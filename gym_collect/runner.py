@@ -229,6 +229,7 @@ class Runner:
         url = self.agent_urls[request.agent_name]
         backend = self.limits.backend_of(request.agent_name)
         key = f"{self.run_key}-{request.task_index}-{request.rollout_index}"
+        episode = request.route is not None and request.route.startswith(ENVIRONMENT_TARGET)
         attempt = 0
         while True:
             attempt += 1
@@ -238,6 +239,8 @@ class Runner:
             self.metrics.note_request()
             try:
                 answer = await self.client.run(url, request.body, key)
+                if episode:
+                    answer = episode_record(answer)
             except RolloutError as error:
                 self._adapt(backend, error)
                 wait_s = self.policy.next_wait_s(error, attempt)
@@ -259,8 +262,6 @@ class Runner:
             return
 
     def _deliver(self, request: RolloutRequest, answer: dict[str, Any], latency_s: float) -> None:
-        if request.route is not None and request.route.startswith(ENVIRONMENT_TARGET):
-            answer = episode_record(answer)
         if answer.get(NO_PERSIST_KEY):
             self.metrics.not_persisted += 1
             self.writer.finish(request, None)

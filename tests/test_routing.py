@@ -358,30 +358,39 @@ async def test_materialized_taskset_rows_go_as_episode_requests_to_their_route(t
     async def run(request: web.Request) -> web.Response:
         body = await request.json()
         seen.append(body)
-        if body["task"]["task_input"]["q"] == "bad":
+        q = body["task"]["task_input"]["q"]
+        envelope = {"episode_id": body["episode_id"], "task_id": body["task"]["task_id"]}
+        if q == "bad":
             return web.json_response({**body, "task_id": body["task"]["task_id"],
                                       "failure": {"failure_reason": "no answer", "terminal": True, "stage": "verify"}})
-        return web.json_response({"episode_id": body["episode_id"], "task_id": body["task"]["task_id"],
-                                  "result": {"reward": 1.0, "answer": body["task"]["task_input"]["q"]}})
+        unusable = {"text": {"result": "hello"}, "reserved": {"result": {"reward": 1.0, "_ng_task_index": 99}},
+                    "opaque": {"failure": "oops"}}  # 0.7 stops the run on these; here they are failed rollouts
+        if q in unusable:
+            return web.json_response({**envelope, **unusable[q]})
+        return web.json_response({**envelope, "result": {"reward": 1.0, "answer": q}})
 
-    rows = [{"task_id": {"taskset": "ts", "task_id": f"t{i}"}, "task_input": {"q": q}} for i, q in enumerate("ab")]
-    rows.append({"task_id": {"taskset": "ts", "task_id": "t2"}, "task_input": {"q": "bad"}})
+    questions = ["a", "b", "bad", "text", "reserved", "opaque"]
+    rows = [{"task_id": {"taskset": "ts", "task_id": f"t{i}"}, "task_input": {"q": q}} for i, q in enumerate(questions)]
     inp = write_rows(tmp_path / "in.jsonl", rows)
     with LoopbackServer({"GET /global_config_dict_yaml": head, "POST /run": run}) as server:
         ports.append(int(server.url.rsplit(":", 1)[1]))
         result = await collect(config(inp, tmp_path / "out.jsonl", None, agent_name=None, head_server_url=server.url,
                                       environment_routing_mode="taskset", environment_server_routes={"ts": "tasks_env"},
                                       num_repeats=2))
-    assert result.exit_code == 3  # the terminal failure is recorded
-    assert {(b["episode_id"]["rollout_id"], b["episode_id"]["attempt"]) for b in seen} == {
-        (f"{t}-{r}", 0) for t in range(3) for r in range(2)}
+    assert result.exit_code == 3  # the failures are recorded
+    assert sorted((b["episode_id"]["rollout_id"], b["episode_id"]["attempt"]) for b in seen) == sorted(
+        (f"{t}-{r}", 0) for t in range(6) for r in range(2))  # each sent once: another attempt would not help
     written = sorted(read_jsonl(tmp_path / "out.jsonl"), key=lambda r: (r["_ng_task_index"], r["_ng_rollout_index"]))
     assert [(r["answer"], r["_ng_task_id"]["task_id"]) for r in written] == [("a", "t0"), ("a", "t0"), ("b", "t1"),
                                                                             ("b", "t1")]
     assert {(r["_ng_environment_server"], r["_ng_result_type"]) for r in written} == {("tasks_env", "episode_env")}
     failures = read_jsonl(tmp_path / "out_failures.jsonl")
-    assert len(failures) == 2 and all(f["_ng_failure_terminal"] for f in failures)
-    assert {f["_ng_failure_class"] for f in failures} == {"environment_server_failed"}
+    handled = [f for f in failures if f["_ng_failure_class"] == "environment_server_failed"]
+    assert len(handled) == 2 and all(f["_ng_failure_terminal"] for f in handled)
+    said = {f["_ng_task_index"]: f["_ng_failure_message"] for f in failures if f not in handled}
+    assert sorted(said) == [3, 3, 4, 4, 5, 5][::2] and len(failures) == 8
+    assert "non-object result" in said[3] and "reserved for rollout collection: ['_ng_task_index']" in said[4]
+    assert "non-object failure" in said[5]
     with pytest.raises(ConfigError, match="environment_routing_mode=taskset takes only materialized task rows"):
         RequestBuilder(router(taskset_routes={"ts": "e"}, tasksets_only=True), lambda *k: 1, {}).check({"q": 1}, "x")
 

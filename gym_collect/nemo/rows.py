@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import yaml
 
-from gym_collect.errors import ConfigError, InputError
+from gym_collect.errors import ConfigError, InputError, PermanentRolloutError
 from gym_collect.nemo.routing import (
     AGENT_REF_KEY,
     ENVIRONMENT_SERVER_KEY,
@@ -36,6 +36,9 @@ RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_rollout_id")  # copied fr
 TASK_INDEX_KEY = "_ng_task_index"
 ATTEMPT_INDEX_KEY = "_ng_attempt_index"
 ROLLOUT_ID_KEY = "_ng_rollout_id"
+# what the collector adds to a record itself: an environment server result must not carry them
+# (`_is_collector_key`, `nemo_gym/rollout_collection.py:331-333`)
+COLLECTOR_RESULT_KEYS = frozenset({"ng_trajectory", "ng_model_call_capture", "ng_perf"})
 TASK_ID_KEY = "_ng_task_id"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
 RESPONSES_CREATE_PARAMS_KEY = "responses_create_params"
@@ -225,14 +228,21 @@ class RequestBuilder:
 def episode_record(answer: dict[str, Any]) -> dict[str, Any]:
     """The record of an environment server's episode answer (`{"episode_id", "task_id", "result" | "failure"}`),
     as NeMo Gym 0.7 stores it (`nemo_gym/rollout_collection.py:336-377`): the result as it is plus `_ng_task_id`,
-    or a failure record of class `environment_server_failed`. Any other answer is returned unchanged."""
+    or a failure record of class `environment_server_failed`. Any other answer is returned unchanged.
+
+    Raises `BadEpisodeError` (a failed rollout here; 0.7 stops the whole run) for a failure or result that is not
+    an object, or a result that uses keys the collector writes itself (`_ng_*`, `ng_trajectory`, ...).
+    """
     if not (isinstance(answer.get("episode_id"), dict) and isinstance(answer.get("task_id"), dict)
             and ("result" in answer or "failure" in answer)):
         return answer
+    task_id = answer["task_id"]
     failure = answer.get("failure")
-    if isinstance(failure, dict):
+    if failure is not None:
+        if not isinstance(failure, dict):
+            raise BadEpisodeError(f"environment server answer for task {task_id!r} carries a non-object failure")
         record: dict[str, Any] = {
-            TASK_ID_KEY: answer["task_id"],
+            TASK_ID_KEY: task_id,
             "_ng_failure_class": "environment_server_failed",
             "_ng_failure_terminal": bool(failure.get("terminal", False)),
             "_ng_failure_message": failure.get("failure_reason"),
@@ -242,4 +252,15 @@ def episode_record(answer: dict[str, Any]) -> dict[str, Any]:
                 record[key] = failure[field]
         return record
     result = answer.get("result")
-    return {**result, TASK_ID_KEY: answer["task_id"]} if isinstance(result, dict) else answer
+    if not isinstance(result, dict):
+        raise BadEpisodeError(f"environment server answer for task {task_id!r} carries a non-object result")
+    reserved = sorted(k for k in result if k.startswith("_ng_") or k in COLLECTOR_RESULT_KEYS)
+    if reserved:
+        raise BadEpisodeError(f"environment server result for task {task_id!r} uses keys reserved for rollout "
+                              f"collection: {reserved}")
+    return {**result, TASK_ID_KEY: task_id}
+
+
+class BadEpisodeError(PermanentRolloutError):
+    """An environment server's episode answer that cannot be stored (`episode_record`): another attempt gets the
+    same answer."""
