@@ -182,6 +182,9 @@ class CollectConfig(NemoGymOnlyKeys):
         if self.head_server_url is None:
             self.head_server_url = f"http://{self.head_server.host}:{self.head_server.port}"
         self.num_samples_in_parallel = parse_parallelism(self.num_samples_in_parallel).to_config_value()
+        if self.dispatch_budget_s is not None and self.num_samples_in_parallel is None:  # as 0.7 (`:1517-1524`)
+            raise ConfigError("dispatch_budget_s needs num_samples_in_parallel (a number, or auto): without a limit "
+                              "every rollout is sent at once, before the budget is checked again")
         for name in ("global_aiohttp_connector_limit", "global_aiohttp_connector_limit_per_host"):
             value = getattr(self, name)
             _require(value >= 0, name, value, "an integer >= 0 (0: as many as the open-file limit allows)")

@@ -88,6 +88,7 @@ def test_every_mapping_and_list_key_takes_a_whole_literal_with_plus() -> None:
     [("limit=-1", "limit=-1 is invalid"), ("num_samples_in_parallel=0", "num_samples_in_parallel=0 is invalid"),
      ("end_idx=2", "end_idx=2 is below start_idx=5"), ("num_repeats=0", "num_repeats=0 is invalid"),
      ("request_timeout_s=0", "request_timeout_s=0"), ("output_order=random", "output_order='random'"),
+     ("+dispatch_budget_s=60", "dispatch_budget_s needs num_samples_in_parallel"),
      ("+fan_out={a:[]}", "fan_out.a is an empty list"), ("+fan_out={a:[b,c,b]}", r"more than once \(b\)")],
 )
 def test_bad_values_fail_at_start_up(override: str, message: str) -> None:
