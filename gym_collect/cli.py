@@ -79,7 +79,9 @@ def to_config(cfg: DictConfig) -> CollectConfig:
         cause = exc.__cause__ if isinstance(exc.__cause__, GymCollectError) else None
         if cause is not None:
             raise cause from None
-        raise ConfigError(f"bad configuration: {exc}") from exc
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]  # OmegaConf adds full_key, types...
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"bad configuration{f' at {key}' if key else ''}: {first}") from exc
     assert isinstance(obj, CollectConfig)
     return obj
 

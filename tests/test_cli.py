@@ -89,6 +89,8 @@ def test_every_mapping_and_list_key_takes_a_whole_literal_with_plus() -> None:
      ("end_idx=2", "end_idx=2 is below start_idx=5"), ("num_repeats=0", "num_repeats=0 is invalid"),
      ("request_timeout_s=0", "request_timeout_s=0"), ("output_order=random", "output_order='random'"),
      ("+dispatch_budget_s=60", "dispatch_budget_s needs num_samples_in_parallel"),
+     ("+headers.Authorization=Bearer ${oc.env:GYM_COLLECT_TEST_UNSET}",
+      r"^bad configuration at headers\.Authorization: .*'GYM_COLLECT_TEST_UNSET' not found\S*$"),
      ("+fan_out={a:[]}", "fan_out.a is an empty list"), ("+fan_out={a:[b,c,b]}", r"more than once \(b\)")],
 )
 def test_bad_values_fail_at_start_up(override: str, message: str) -> None:
