@@ -166,8 +166,11 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 check_resumable(outputs.recorded_definition(), definition, paths.manifest)
             attempts = PriorAttempts(max_rollout_attempts(), retry_terminal_timeouts=cfg.retry_terminal_timeouts,
                                      retry_terminal=not cfg.keep_permanent_failures)
+            sharding = {"num_shards": cfg.num_shards, "input_rows": snapshot.total_rows} if (
+                cfg.num_shards is not None and cfg.limit is None) else None  # the shards together: every row
             prior = outputs.prepare(
-                {"input_path": str(input_path.resolve()), "definition": definition}, done,
+                {"input_path": str(input_path.resolve()), "definition": definition,
+                 **({"sharding": sharding} if sharding else {})}, done,
                 resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
                 on_prior_failure=attempts.add,
             )

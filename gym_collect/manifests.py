@@ -2,9 +2,11 @@
 
 Each shard output has a manifest beside it, ``<stem>_run.json`` (schema ``gym_collect.run/1``, written by the
 writer): ``{"schema", "input_path", "definition": {"input": {"size", "fingerprint"}, "start_idx", "stop_idx",
-"num_repeats", "responses_create_params", "agent_name", ...}}``. Shards belong to one run when their
-definitions agree on every key but the row range (``start_idx``/``stop_idx``), including keys a later
-collector adds; the run's tasks are then ``[min start_idx, max stop_idx)``.
+"num_repeats", "responses_create_params", "agent_name", ...}, "sharding"?: {"num_shards", "input_rows"}}``.
+Shards belong to one run when their definitions agree on every key but the row range (``start_idx``/``stop_idx``),
+including keys a later collector adds; the run's tasks are then ``[min start_idx, max stop_idx)``. Shards made
+with ``num_shards`` (and no ``limit``) also say that together they hold every row of the input, so a shard missing
+altogether, even the first or the last, shows.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -30,19 +33,27 @@ class ShardPlan:
     """What the shards' manifests agree on. ``definition``: the shared run definition without the row range;
     ``tasks``: ``[min start_idx, max stop_idx)``; ``num_repeats`` from the definition; ``manifests``: how many
     shards had one (0: none had, and nothing was checked); ``row_ranges``: each shard's ``(start_idx,
-    stop_idx)`` of input rows by its path as given, when every manifest has both."""
+    stop_idx)`` of input rows by its path as given, when every manifest has both; ``input_rows``: every row of
+    the input, when the shards were made with ``num_shards`` (their ``sharding`` agrees)."""
 
     definition: dict[str, object]
     tasks: range | None
     num_repeats: int | None
     manifests: int
     row_ranges: dict[Path, tuple[int, int]] | None = None
+    input_rows: range | None = None
 
 
 def read_manifest(shard: Path) -> dict[str, object] | None:
     """The ``definition`` of ``<shard stem>_run.json``; None when the file does not exist.
 
     Raises InputError when it exists but is not a ``gym_collect.run/1`` manifest with a definition object."""
+    doc = _read(shard)
+    return None if doc is None else doc["definition"]
+
+
+def _read(shard: Path) -> dict[str, Any] | None:
+    """The whole manifest, checked (``read_manifest``)."""
     path = OutputPaths(shard).manifest
     try:
         doc = orjson.loads(path.read_bytes())
@@ -53,7 +64,7 @@ def read_manifest(shard: Path) -> dict[str, object] | None:
     definition = doc.get("definition") if isinstance(doc, dict) else None
     if not isinstance(definition, dict) or doc.get("schema") != MANIFEST_SCHEMA:
         raise InputError(f"{path}: not a {MANIFEST_SCHEMA} run manifest with a definition")
-    return definition
+    return dict(doc)
 
 
 def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
@@ -65,14 +76,16 @@ def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
     """
     found: list[tuple[Path, dict[str, object]]] = []
     lacking: list[Path] = []
+    shardings: list[object] = []
     for p in map(Path, paths):
         if not p.is_file():
             continue
-        definition = read_manifest(p)
-        if definition is None:
+        doc = _read(p)
+        if doc is None:
             lacking.append(p)
         else:
-            found.append((p, definition))
+            found.append((p, doc["definition"]))
+            shardings.append(doc.get("sharding"))
     if not found:
         return ShardPlan({}, None, None, 0)
     if lacking:
@@ -101,7 +114,10 @@ def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
         tasks = range(min(a for _, a, _ in ranges), max(b for _, _, b in ranges))
         row_ranges = {p: (a, b) for p, a, b in ranges}
     repeats = shared.get("num_repeats")
-    return ShardPlan(shared, tasks, repeats if isinstance(repeats, int) else None, len(found), row_ranges)
+    whole = shardings[0]
+    input_rows = whole.get("input_rows") if isinstance(whole, dict) and all(s == whole for s in shardings) else None
+    return ShardPlan(shared, tasks, repeats if isinstance(repeats, int) else None, len(found), row_ranges,
+                     range(input_rows) if isinstance(input_rows, int) else None)
 
 
 class MergeMismatch(InputError):

@@ -317,6 +317,8 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
             expected_tasks.start <= plan.tasks.start and plan.tasks.stop <= expected_tasks.stop):
         raise MergeMismatch(f"the expected tasks {_span(expected_tasks)} do not contain the shards' row ranges "
                             f"{_span(plan.tasks)} (from their manifests)")
+    if expected_tasks is None:
+        expected_tasks = plan.input_rows  # shards made with num_shards hold every row of the input together
     listed = [OutputPaths(Path(p)).materialized_inputs for p in paths]
     ranges = plan.row_ranges or {}
     if all(Path(p) in ranges and m.is_file() for p, m in zip(paths, listed, strict=True)):

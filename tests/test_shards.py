@@ -108,6 +108,13 @@ def test_shards_of_duplicate_lines_and_caller_indices_merge_to_the_single_run(
     assert without_last.returncode == 2 and f"input rows 46-69 are in no shard (after {shards[1]})" in \
         without_last.stderr
     assert not (tmp_path / "m2.jsonl").exists() and not (tmp_path / "m3.jsonl").exists()
+    # shards made with num_shards know they hold every row together: the first or last missing shows without --input
+    for kept, named in (([1, 2], f"input rows 0-22 are in no shard (before {shards[1]})"),
+                        ([0, 1], f"input rows 46-69 are in no shard (after {shards[1]})")):
+        proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", "m4.jsonl", *(str(shards[k]) for k in kept)],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and named in proc.stderr, proc.stderr
+    assert not (tmp_path / "m4.jsonl").exists()
 
 
 def test_shard_names_sort_in_order() -> None:
