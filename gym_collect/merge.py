@@ -377,6 +377,24 @@ def _span(tasks: range) -> str:
     return f"{tasks.start}-{tasks.stop - 1}" if len(tasks) else "(none)"
 
 
+SIDE_FILE_SUFFIXES = ("_failures.jsonl", "_materialized_inputs.jsonl")  # side files a `*.jsonl` glob matches
+
+
+def without_side_files(paths: Sequence[Path]) -> list[Path]:
+    """`paths` without the side files of another path among them (`r_failures.jsonl` beside `r.jsonl`: what a
+    glob such as `r_shard-*.jsonl` also matches), each left out with one note."""
+    given = {path.resolve() for path in paths}
+    kept = []
+    for path in paths:
+        owner = next((path.with_name(path.name[:-len(suffix)] + ".jsonl") for suffix in SIDE_FILE_SUFFIXES
+                      if path.name.endswith(suffix) and len(path.name) > len(suffix)), None)
+        if owner is not None and owner.resolve() in given:
+            log.info("leaving out %s: it is a side file of %s, not a shard", path, owner)
+            continue
+        kept.append(path)
+    return kept
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="merge_rollouts",
@@ -434,6 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="merge_rollouts: %(levelname)s: %(message)s")
+    shards = without_side_files(args.shards)
     start = args.start_idx or 0
     try:
         expected: range | None = None
@@ -446,7 +465,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             count_failure_classes_as_zero=tuple(args.count_failure_classes_as_zero),
             count_missing_rollouts_as_zero=args.count_missing_rollouts_as_zero,
             timeout_s=args.aggregate_timeout_s or None)
-        check = merge_rollouts(args.shards, args.output, expected_tasks=expected, num_repeats=args.num_repeats,
+        check = merge_rollouts(shards, args.output, expected_tasks=expected, num_repeats=args.num_repeats,
                                strict=args.strict, use_manifests=not args.ignore_manifests, aggregation=aggregation)
     except GymCollectError as exc:
         print(f"merge_rollouts: {exc}", file=sys.stderr)

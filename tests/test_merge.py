@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, OutputError
-from gym_collect.merge import MergeAggregation, MergeMismatch, main, merge_metrics, merge_rollouts
+from gym_collect.merge import MergeAggregation, MergeMismatch, main, merge_metrics, merge_rollouts, without_side_files
 from gym_collect.metrics import RunMetrics
 from gym_collect.shards import MergeRefused, check_shards
 from gym_collect.stats import LatencyHistogram
@@ -579,3 +579,11 @@ def test_a_missing_shard_file_with_materialized_inputs_left_is_named(tmp_path: P
     b = listed_shard(tmp_path / "b.jsonl", (4, 9), LISTED_B, LISTED_B)
     b.unlink()  # its manifest and materialized inputs stay
     assert f"{b}: shard file not found" in refused([a, b], tmp_path / "m.jsonl", aggregation=None)
+
+
+def test_a_broad_glob_leaves_out_the_side_files_of_the_shards_it_names(tmp_path: Path) -> None:
+    names = ["r_shard-00-of-02.jsonl", "r_shard-00-of-02_failures.jsonl", "r_shard-00-of-02_materialized_inputs.jsonl",
+             "r_shard-01-of-02.jsonl", "other_failures.jsonl"]
+    kept = without_side_files([tmp_path / name for name in names])
+    # a side file whose shard is not given stays: the merge then says what is wrong with it
+    assert [p.name for p in kept] == ["r_shard-00-of-02.jsonl", "r_shard-01-of-02.jsonl", "other_failures.jsonl"]
