@@ -182,6 +182,14 @@ def test_prompt_config_builds_the_input_and_refuses_rows_that_have_one(tmp_path:
         builder.check({"question": "q"}, "in.jsonl:3")
 
 
+def test_overrides_refuse_a_row_whose_responses_create_params_is_not_an_object() -> None:
+    builder = RequestBuilder(router(unnamed_agent="a"), lambda *k: 1, {"temperature": 0.5})
+    with pytest.raises(InputError, match=r"in\.jsonl:2: responses_create_params is a JSON str, not an object"):
+        builder.check({"responses_create_params": "hi"}, "in.jsonl:2")
+    builder.check({"q": 1}, "in.jsonl:3")  # none at all: the overrides make it
+    RequestBuilder(router(unnamed_agent="a"), lambda *k: 1, {}).check({"responses_create_params": "hi"}, "x")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [('user: "{0}"\n', "positional field"), ('user: "{}"\n', "positional field"),

@@ -119,6 +119,11 @@ class RequestBuilder:
                 raise InputError(f"{where}: the row has responses_create_params.input and prompt_config is set; "
                                  "they are mutually exclusive: drop one")
             self.prompt.messages(row, where)
+        rcp = row.get(RESPONSES_CREATE_PARAMS_KEY)
+        if (self.overrides or self.add_seed) and rcp is not None and not isinstance(rcp, dict):
+            raise InputError(f"{where}: responses_create_params is a JSON {type(rcp).__name__}, not an object, so "
+                             "the responses_create_params overrides and num_repeats_add_seed cannot merge into it; "
+                             "fix the row")
         key = self.router.key(row, where)
         if key.targets[0].startswith(ENVIRONMENT_TARGET) and (self.overrides or self.add_seed or self.prompt):
             raise ConfigError(f"{where}: a materialized task row is sent as it is: responses_create_params "
