@@ -1,8 +1,9 @@
 """The shards' run manifests: do a set of shard outputs come from one `collect_rollouts` run?
 
 Each shard output has a manifest beside it, ``<stem>_run.json`` (schema ``gym_collect.run/1``, written by the
-writer): ``{"schema", "input_path", "definition": {"input": {"size", "fingerprint"}, "start_idx", "stop_idx",
-"num_repeats", "responses_create_params", "agent_name", ...}, "sharding"?: {"num_shards", "input_rows"}}``.
+writer): ``{"schema", "output_name", "input_path", "definition": {"input": {"size", "fingerprint"}, "start_idx",
+"stop_idx", "num_repeats", "responses_create_params", "agent_name", ...}, "sharding"?: {"num_shards",
+"input_rows"}}``.
 Shards belong to one run when their definitions agree on every key but the row range (``start_idx``/``stop_idx``),
 including keys a later collector adds; the run's tasks are then ``[min start_idx, max stop_idx)``. Shards made
 with ``num_shards`` (and no ``limit``) also say that together they hold every row of the input, so a shard missing

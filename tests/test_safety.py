@@ -20,7 +20,7 @@ import yaml
 from aiohttp import web
 
 from gym_collect.collect import EXIT_ERROR, EXIT_FAILURES, EXIT_OK, collect
-from gym_collect.errors import ConfigError, InputError
+from gym_collect.errors import ConfigError, InputError, OutputError
 from gym_collect.shutdown import EXIT_INTERRUPTED
 from gym_collect.sim_agent import SimAgent, SimAgentConfig, SimAgentThread
 from tests.conftest import config, make_rows, pairs, read_jsonl, write_rows
@@ -515,6 +515,19 @@ async def test_merge_refuses_an_output_that_is_not_a_file(tmp_path: Path, sim: S
                          "--no-aggregation"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "merged.jsonl is a pipe" in proc.stderr
     assert (tmp_path / "merged.jsonl").is_fifo()
+
+
+async def test_an_output_of_the_same_stem_keeps_its_side_files(tmp_path: Path, sim: SimAgent) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    first, second = tmp_path / "x" / "rollouts", tmp_path / "x" / "rollouts.json"
+    assert (await collect(config(inp, first, sim.url))).exit_code == EXIT_OK
+    before = {p.name: p.read_bytes() for p in first.parent.iterdir() if p.name != "rollouts_status.json"}
+    with pytest.raises(OutputError, match=r"side files \(rollouts_\*\) belong to .*x/rollouts, an output of the same"):
+        await collect(config(inp, second, sim.url))
+    after = {p.name: p.read_bytes() for p in first.parent.iterdir() if p.name != "rollouts_status.json"}
+    assert after == before and not second.exists()
+    first.unlink()  # its owner gone, the side files are stale: the other output may take them
+    assert (await collect(config(inp, second, sim.url))).exit_code == EXIT_OK
 
 
 async def test_resume_over_a_line_whose_agent_ref_is_null(tmp_path: Path, sim: SimAgent) -> None:

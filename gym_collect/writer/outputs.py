@@ -117,6 +117,7 @@ class RunOutputs:
         `manifest` atomically.
         """
         prior = PriorOutput()
+        self._check_side_files_are_its_own()
         existing = self.existing()
         if existing and not (resume or overwrite):
             raise OutputError(
@@ -141,8 +142,23 @@ class RunOutputs:
                     on_prior_failure(record_pair(record, self.paths.failures, line_no), record)
                     prior.failure_records += 1
             self.paths.aggregate_metrics.unlink(missing_ok=True)
-        write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, **manifest})
+        write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, "output_name": self.paths.output.name,
+                                                **manifest})
         return prior
+
+    def _check_side_files_are_its_own(self) -> None:
+        """Refuse when the side files belong to another output of the same stem beside it (`rollouts` and
+        `rollouts.json` share `rollouts_*`): a fresh run would remove that output's manifest, materialized inputs
+        and metrics. Raises `OutputError`."""
+        try:
+            owner = orjson.loads(self.paths.manifest.read_bytes()).get("output_name")
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return
+        if isinstance(owner, str) and owner != self.paths.output.name and (self.paths.output.parent / owner).exists():
+            raise OutputError(
+                f"{self.paths.output}: its side files ({self.paths.output.stem}_*) belong to "
+                f"{self.paths.output.parent / owner}, an output of the same stem; choose another output_jsonl_fpath"
+            )
 
     def materialized_records(self) -> Iterator[tuple[int, dict[str, Any]]] | None:
         """(line number, record) of the existing `<stem>_materialized_inputs.jsonl`, or None when there is none."""
