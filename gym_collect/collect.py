@@ -163,18 +163,19 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 await client.probe(url)
             resuming = cfg.resume and bool(outputs.existing())
             if resuming:
-                check_resumable(outputs.recorded_definition(), definition, paths.manifest)
+                check_resumable(outputs.recorded_definition(), definition, paths.manifest,
+                                materialized=paths.materialized_inputs.exists())
             attempts = PriorAttempts(max_rollout_attempts(), retry_terminal_timeouts=cfg.retry_terminal_timeouts,
                                      retry_terminal=not cfg.keep_permanent_failures)
             sharding = {"num_shards": cfg.num_shards, "input_rows": snapshot.total_rows} if (
                 cfg.num_shards is not None and cfg.limit is None) else None  # the shards together: every row
             prior = outputs.prepare(
-                {"input_path": str(input_path.resolve()), "definition": definition,
-                 **({"sharding": sharding} if sharding else {})}, done,
-                resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
+                done, resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
                 on_prior_failure=attempts.add,
             )
             await _materialize(outputs, rows, builder, cfg, found, shutdown, check=resuming)
+            outputs.write_manifest({"input_path": str(input_path.resolve()), "definition": definition,
+                                    **({"sharding": sharding} if sharding else {})})
             gated = _gated_not_done(attempts, done)
             if resuming:
                 log.info("Resuming: %d rollouts already written, %d failure records (history kept), %d rollouts "

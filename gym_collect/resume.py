@@ -29,14 +29,20 @@ def run_key(definition: dict[str, Any]) -> str:
     return hashlib.blake2b(orjson.dumps(definition, option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
 
 
-def check_resumable(recorded: dict[str, Any] | None, definition: dict[str, Any], manifest: Path) -> None:
+def check_resumable(recorded: dict[str, Any] | None, definition: dict[str, Any], manifest: Path, *,
+                    materialized: bool = False) -> None:
     """Refuse to resume when the recorded definition differs from this run's.
 
-    `recorded` None (no manifest) only warns. Raises `ConfigError` listing each differing key as
-    `key: old -> new`.
+    `recorded` None (no manifest): with `materialized` (the output has materialized inputs, as NeMo Gym's
+    outputs do) the caller checks those instead (`check_materialized`); else one warning. Raises `ConfigError`
+    listing each differing key as `key: old -> new`.
     """
     if recorded is None:
-        log.warning("%s is missing: resuming without checking that the run's settings are unchanged", manifest)
+        if materialized:
+            log.info("%s is missing (a NeMo Gym output?): this run is checked against the materialized inputs",
+                     manifest)
+        else:
+            log.warning("%s is missing: resuming without checking that the run's settings are unchanged", manifest)
         return
     changes = [
         f"{key}: {_show(key, recorded.get(key))} -> {_show(key, definition.get(key))}"

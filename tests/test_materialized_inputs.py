@@ -90,6 +90,11 @@ async def test_resume_keeps_the_file_and_an_output_without_a_manifest_is_checked
     (tmp_path / "out_run.json").unlink()
     kept = out.read_bytes().splitlines(keepends=True)[:2]
     out.write_bytes(b"".join(kept))
+    # other settings are refused, and leave the output as it was: no manifest of the refused settings
+    for changed in ({"responses_create_params": {"temperature": 0.5}}, {"num_repeats": 2}):
+        with pytest.raises(ConfigError, match=r"resume refused: .*materialized_inputs\.jsonl"):
+            await collect(config(inp, out, server.url, limit=4, resume=True, **changed))
+        assert not (tmp_path / "out_run.json").exists() and side.read_bytes() == before
     assert (await collect(config(inp, out, server.url, limit=4, resume=True))).exit_code == EXIT_OK
     assert side.read_bytes() == before and sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(4)]
     assert len(agent.bodies) == 6

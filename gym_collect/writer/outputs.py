@@ -3,7 +3,9 @@ append, side files, close, release.
 
     with RunOutputs(paths, reads=[input_path]) as outputs:   # refuses a path the run reads; takes the lock
         recorded = outputs.recorded_definition()              # resume: the manifest, checked by the caller
-        prior = outputs.prepare(definition, done, ...)        # repair, fill `done`, write the manifest
+        prior = outputs.prepare(done, ...)                    # repair, fill `done`
+        outputs.write_materialized(...)                       # or, on resume, the caller checks them
+        outputs.write_manifest(manifest)                      # once every check has passed
         writer = outputs.open_writer(...)                     # the rollout and failure lines
         ...
         outputs.write_metrics(doc)
@@ -99,7 +101,6 @@ class RunOutputs:
 
     def prepare(
         self,
-        manifest: dict[str, Any],
         done: DoneSet,
         *,
         resume: bool,
@@ -113,8 +114,8 @@ class RunOutputs:
         Fresh or overwrite: remove every file of the run (but the lock). Resume: cut torn last lines, mark each
         written pair in `done` (a pair written twice or outside the selection is counted in `duplicates` and
         left alone), hand every failure record to `on_prior_failure` (the failures file is history: it is only
-        appended to), and remove an aggregate-metrics file that no longer describes the output. Then write
-        `manifest` atomically.
+        appended to), and remove an aggregate-metrics file that no longer describes the output. The manifest
+        is left for `write_manifest`, once the caller's checks have passed: a refused resume changes nothing.
         """
         prior = PriorOutput()
         self._check_side_files_are_its_own()
@@ -142,9 +143,12 @@ class RunOutputs:
                     on_prior_failure(record_pair(record, self.paths.failures, line_no), record)
                     prior.failure_records += 1
             self.paths.aggregate_metrics.unlink(missing_ok=True)
+        return prior
+
+    def write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Replace `<stem>_run.json` with `manifest` (plus the schema and the output's name), atomically."""
         write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, "output_name": self.paths.output.name,
                                                 **manifest})
-        return prior
 
     def _check_side_files_are_its_own(self) -> None:
         """Refuse when the side files belong to another output of the same stem beside it (`rollouts` and
