@@ -73,11 +73,18 @@ def shard_output_path(output: Path, num_shards: int, shard_id: int) -> Path:
 
 
 def plan_selection(cfg: CollectConfig, input_path: Path) -> RowSelection:
-    """The row range of this run: `num_shards`/`shard_id` if given, else `start_idx`/`end_idx`, then `limit`."""
+    """The row range of this run: shard `shard_id` of the input's first `limit` rows (all without one) with
+    `num_shards`, else `start_idx`/`end_idx`, then at most `limit` rows."""
     if cfg.num_shards is not None and cfg.shard_id is not None:
-        start, end = shard_range(count_rows(input_path), cfg.num_shards, cfg.shard_id)
-        return RowSelection(start, end, cfg.limit)
+        start, end = shard_range(_sharded_rows(cfg, input_path), cfg.num_shards, cfg.shard_id)
+        return RowSelection(start, end)
     return RowSelection(cfg.start_idx, cfg.end_idx, cfg.limit)
+
+
+def _sharded_rows(cfg: CollectConfig, input_path: Path) -> int:
+    """The rows the shards of `num_shards` split between them: the input's, or its first `limit`."""
+    rows = count_rows(input_path)
+    return rows if cfg.limit is None else min(rows, cfg.limit)
 
 
 def run_collect(cfg: CollectConfig) -> int:
@@ -167,8 +174,8 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                                 materialized=paths.materialized_inputs.exists())
             attempts = PriorAttempts(max_rollout_attempts(), retry_terminal_timeouts=cfg.retry_terminal_timeouts,
                                      retry_terminal=not cfg.keep_permanent_failures)
-            sharding = {"num_shards": cfg.num_shards, "input_rows": snapshot.total_rows} if (
-                cfg.num_shards is not None and cfg.limit is None) else None  # the shards together: every row
+            sharding = {"num_shards": cfg.num_shards, "input_rows": min(snapshot.total_rows, cfg.limit or
+                        snapshot.total_rows)} if cfg.num_shards is not None else None  # what the shards hold together
             prior = outputs.prepare(
                 done, resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
                 on_prior_failure=attempts.add,

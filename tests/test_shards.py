@@ -69,6 +69,28 @@ def test_merge_refuses_a_gap_naming_the_tasks(tmp_path: Path, clean_env: dict[st
     assert not (tmp_path / "m.jsonl").exists()
 
 
+def test_shards_with_a_limit_split_the_first_rows_and_merge_to_the_single_run(
+    tmp_path: Path, clean_env: dict[str, str]
+) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(70))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
+        for k in range(3):
+            subprocess.run(collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", "num_shards=3", f"shard_id={k}",
+                                        "limit=40"), cwd=tmp_path, env=clean_env, check=True, timeout=60,
+                           capture_output=True)
+        subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl", "limit=40"), cwd=tmp_path,
+                       env=clean_env, check=True, timeout=60, capture_output=True)
+    shards = sorted((tmp_path / "shards").glob("r_shard-*-of-03.jsonl"))
+    assert [len({t for t, _ in pairs(read_jsonl(p))}) for p in shards] == [13, 13, 14]
+    proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", "merged.jsonl", *map(str, shards)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(pairs(read_jsonl(tmp_path / "merged.jsonl"))) == sorted(pairs(read_jsonl(tmp_path / "single.jsonl")))
+    without_last = subprocess.run([str(BIN / "merge_rollouts"), "--output", "m.jsonl", *map(str, shards[:2])],
+                                  cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert without_last.returncode == 2 and "input rows 26-39 are in no shard" in without_last.stderr
+
+
 def nemo_indexed_rows(n: int) -> list[dict[str, object]]:
     """`n` rows where NeMo Gym's task indices are not row indices: every 5th line repeats an earlier one
     byte for byte (one task index, more rollouts), and rows 40-49 carry their own `_ng_task_index`."""
