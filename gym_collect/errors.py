@@ -14,6 +14,8 @@ aiohttp exceptions become `RolloutError`s in exactly one place, `gym_collect.cli
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class GymCollectError(Exception):
     """Root of the package's exceptions; `exit_code` is what the command exits with."""
@@ -79,7 +81,20 @@ class AgentTimeoutError(TransientRolloutError):
     """No full answer within `request_timeout_s` (or no connection within `connect_timeout_s`)."""
 
 
-class BadAnswerError(TransientRolloutError):
+class AnsweredBadly:
+    """Mixin of errors about a 200 answer that cannot be used: `status` is 200 (the server ran the rollout, so
+    its failure record is an `agent_run_error`, as NeMo Gym 0.7 classes it), and `error_class` keeps the
+    error's own name rather than `HTTP200`."""
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        super().__init__(message, status=200, **kwargs)  # type: ignore[call-arg]
+
+    @property
+    def error_class(self) -> str:
+        return type(self).__name__.removesuffix("Error")
+
+
+class BadAnswerError(AnsweredBadly, TransientRolloutError):
     """The agent answered 200 with a body that is not a JSON object."""
 
 

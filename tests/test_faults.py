@@ -51,6 +51,15 @@ async def test_retryable_status_is_retried_then_recorded(tmp_path: Path, inp: Pa
     assert sum(sim.stats.attempts.values()) == 4
 
 
+async def test_a_200_answer_that_is_not_a_json_object_is_an_agent_run_error(tmp_path: Path, inp: Path) -> None:
+    async with SimAgent(SimAgentConfig(service_time_s=0.0, non_json_rate=1.0)) as sim:
+        result = await collect(config(inp, tmp_path / "out.jsonl", sim.url, max_attempts=2, limit=2))
+    assert result.exit_code == EXIT_FAILURES
+    assert [(r["_ng_failure_http_status"], r["_ng_failure_class"], r["_ng_failure_type"])
+            for r in failures_of(tmp_path)] == [(200, "agent_run_error", "JSONDecodeError")] * 2  # as 0.7 classes it
+    assert result.metrics is not None and result.metrics["failures_by_class"] == {"BadAnswer": 2}
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 async def test_non_retryable_status_fails_at_once(tmp_path: Path, inp: Path, status: int) -> None:
     async with SimAgent(SimAgentConfig(service_time_s=0.0, fail_status=status)) as sim:

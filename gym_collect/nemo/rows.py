@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import yaml
 
-from gym_collect.errors import ConfigError, InputError, PermanentRolloutError
+from gym_collect.errors import AnsweredBadly, ConfigError, InputError, PermanentRolloutError
 from gym_collect.nemo.routing import (
     AGENT_REF_KEY,
     ENVIRONMENT_SERVER_KEY,
@@ -266,6 +266,6 @@ def episode_record(answer: dict[str, Any]) -> dict[str, Any]:
     return {**result, TASK_ID_KEY: task_id}
 
 
-class BadEpisodeError(PermanentRolloutError):
+class BadEpisodeError(AnsweredBadly, PermanentRolloutError):
     """An environment server's episode answer that cannot be stored (`episode_record`): another attempt gets the
     same answer."""
