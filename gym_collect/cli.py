@@ -13,8 +13,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -59,13 +61,15 @@ ConfigStore.instance().store(name=CONFIG_NAME, node={
 })
 
 
-def dry_run_overrides(args: Sequence[str]) -> list[str]:
+def dry_run_overrides(args: Sequence[str], sweep_dir: str) -> list[str]:
     """With `dry_run=true`, Hydra's overrides that keep it from writing a run folder, saved configs or a log
-    file (a dry run writes nothing)."""
+    file (a dry run writes nothing); a multirun's job exit codes go to `sweep_dir`, a temporary folder the
+    caller removes."""
     for arg in args:
         match = OVERRIDE.match(arg)
         if match and match["key"] == "dry_run" and (match["rest"] or "").lower() in ("=true", "=1", "=yes"):
-            return ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=stdout"]
+            return ["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={sweep_dir}",
+                    "hydra/job_logging=stdout"]
     return []
 
 
@@ -196,8 +200,9 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             sys.exit(exc.exit_code)
         hidden.export()
         named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
+        scratch = tempfile.mkdtemp(prefix="gym_collect_dry_run_")  # only a dry run's multirun writes in it
         sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *pinned, *hidden.args,
-                    *dry_run_overrides(args)]
+                    *dry_run_overrides(args, scratch)]
         Sweep.current = None
         hydra_exit = 0
         interrupted = False
@@ -230,6 +235,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
                 code = max(codes)
             else:
                 code = max([*codes, hydra_exit])
+        shutil.rmtree(scratch, ignore_errors=True)
         sys.exit(code)
 
     return entry_point

@@ -150,15 +150,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
         start = selection.start_idx
         rows = JsonlRows(input_path, RowSelection(start, start + found.num_rows), expected=snapshot,
                          include_prefix=True)
-        definition = {
-            "input": snapshot.identity,
-            "start_idx": start,
-            "stop_idx": start + found.num_rows,
-            "num_repeats": cfg.num_repeats,
-            "responses_create_params": cfg.responses_create_params,
-            "agent_name": cfg.agent_name,
-            **{key: value for key in ROUTING_KEYS if (value := getattr(cfg, key))},
-        }
+        definition = _definition(cfg, found, start)
 
         async with AsyncExitStack() as stack:
             client = await stack.enter_async_context(_client(cfg))
@@ -292,6 +284,21 @@ async def _materialize(outputs: RunOutputs, rows: JsonlRows, builder: RequestBui
         await asyncio.to_thread(check_materialized, recorded, bodies(), outputs.paths.materialized_inputs)
     else:
         await asyncio.to_thread(outputs.write_materialized, (body + b"\n" for body in bodies()))
+
+
+def _definition(cfg: CollectConfig, found: ScanResult, start: int) -> dict[str, Any]:
+    """What fixes a run's requests (the manifest's `definition`, compared on resume): the input's identity, the
+    row range, and every setting that changes a body or where it goes."""
+    assert found.snapshot is not None
+    return {
+        "input": found.snapshot.identity,
+        "start_idx": start,
+        "stop_idx": start + found.num_rows,
+        "num_repeats": cfg.num_repeats,
+        "responses_create_params": cfg.responses_create_params,
+        "agent_name": cfg.agent_name,
+        **{key: value for key in ROUTING_KEYS if (value := getattr(cfg, key))},
+    }
 
 
 def _gated_not_done(attempts: PriorAttempts, done: DoneSet) -> int:
@@ -442,23 +449,52 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
             via = f" via environment server {route.environment_server}" if route.environment_server else ""
             label = "rows without agent_ref" if name == UNNAMED_AGENT else f"agent {name}"
             lines.append(f"  {label}: {count} rollouts -> POST {display_url(route.url)}/run{via} ({reach})")
+        unreachable = any(line.endswith("(NOT reachable)") for line in lines)
     done = _done_set(found, per_row)
     existing = [p for p in (paths.output, paths.failures) if p.exists() and p.stat().st_size > 0]
     lines.append(f"Output {paths.output} (side files {paths.output.stem}_*.json[l] beside it)")
+    refused = unreachable
     if existing and cfg.resume:
         try:
-            marked = count_done(paths, done)
+            marked, gated = _resume_plan(cfg, paths, input_path, found, builder, selection.start_idx, done)
+            lines.append(f"Resume: {marked} rollouts already written would be skipped, {gated} that failed before "
+                         f"would not be retried, {expected - marked - gated} would be collected")
         except GymCollectError as exc:
-            marked, lines = 0, [*lines, f"Resume would fail: {exc}"]
-        lines.append(f"Resume: {marked} rollouts already written would be skipped, "
-                     f"{expected - marked} would be collected")
+            refused, lines = True, [*lines, f"Resume would be refused: {exc}"]
     elif existing and not cfg.overwrite:
+        refused = True
         lines.append(f"{existing[0]} exists and is not empty: the run would be refused without resume=true "
                      "or overwrite=true")
     elif existing:
         lines.append("overwrite=true: the existing output and its side files would be removed first")
+    if refused:
+        lines.append("The run would not start (exit code 2): see above")
     print("\n".join(lines), flush=True)
-    return RunResult(EXIT_OK, None, paths.output)
+    return RunResult(EXIT_ERROR if refused else EXIT_OK, None, paths.output)
+
+
+def _resume_plan(cfg: CollectConfig, paths: OutputPaths, input_path: Path, found: ScanResult,
+                 builder: RequestBuilder, start: int, done: DoneSet) -> tuple[int, int]:
+    """For a dry run: what resuming would find, reading only (rollouts already written, rollouts whose earlier
+    failures it would leave), after the checks a resume makes; raises what the run would raise."""
+    outputs = RunOutputs(paths, reads=[input_path])  # not entered: no lock, nothing written
+    recorded = outputs.recorded_definition()
+    check_resumable(recorded, _definition(cfg, found, start), paths.manifest,
+                    materialized=paths.materialized_inputs.exists())
+    materialized = outputs.materialized_records()
+    if recorded is None and materialized is not None:
+        rows = JsonlRows(input_path, RowSelection(start, start + found.num_rows), include_prefix=True)
+        never = lambda task, rollout: False  # noqa: E731
+        requests = iter_requests(rows, builder, never, 0, found.indexer, interleave=cfg.interleave_repeats,
+                                 materialize=True)
+        bodies = (r.body for r in requests if r.error is None)
+        check_materialized(materialized, bodies, paths.materialized_inputs)
+    marked = count_done(paths, done)
+    attempts = PriorAttempts(max_rollout_attempts(), retry_terminal_timeouts=cfg.retry_terminal_timeouts,
+                             retry_terminal=not cfg.keep_permanent_failures)
+    for pair, record in outputs.failure_records():
+        attempts.add(pair, record)
+    return marked, _gated_not_done(attempts, done)
 
 
 def _exit_code(cfg: CollectConfig, metrics: RunMetrics, in_output: int, expected: int,

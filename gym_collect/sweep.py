@@ -172,7 +172,10 @@ def _job_files(sweep_dir: Path) -> list[Path]:
 
 
 def _shard_fields(config: DictConfig) -> dict[str, Any]:
-    """`output` (absolute), `num_shards` and `shard_id` of a job's config; None for what is unset or broken."""
+    """`output` (absolute), `num_shards` and `shard_id` of a job's config; None for what is unset or broken, and
+    for a dry run (it writes no shard, so there is nothing to merge)."""
+    if OmegaConf.select(config, "dry_run", default=False) is True:
+        return {"output": None, "num_shards": None, "shard_id": None}
     fields: dict[str, Any] = {}
     for key in ("output_jsonl_fpath", "num_shards", "shard_id"):
         try:

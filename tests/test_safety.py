@@ -386,9 +386,29 @@ def test_dry_run_tells_what_resume_would_skip(tmp_path: Path, clean_env: dict[st
         assert cli(tmp_path, clean_env, *args, "end_idx=10")[0] == EXIT_OK
         before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
         code, output = cli(tmp_path, clean_env, *args, "end_idx=10", "resume=true", "dry_run=true")
+        refusals = [cli(tmp_path, clean_env, *args, "end_idx=10", *extra, "dry_run=true")
+                    for extra in (["resume=true", "num_repeats=2"], [], ["agent_url=http://127.0.0.1:9"])]
     assert code == EXIT_OK, output
-    assert "Resume: 10 rollouts already written would be skipped, 0 would be collected" in output
+    assert "Resume: 10 rollouts already written would be skipped, 0 that failed before would not be retried, " \
+           "0 would be collected" in output
+    # what the real run would refuse, the dry run says, with the exit code the real run would have
+    assert [c for c, _ in refusals] == [EXIT_ERROR] * 3
+    assert "Resume would be refused: resume refused: this run's definition differs" in refusals[0][1]
+    assert "exists and is not empty: the run would be refused" in refusals[1][1]
+    assert "(NOT reachable)" in refusals[2][1] and "The run would not start (exit code 2)" in refusals[2][1]
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_a_multirun_dry_run_merges_nothing_and_writes_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(6))
+    with SimAgentThread() as sim:
+        proc = subprocess.run([COLLECT, "-m", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=o/r.jsonl",
+                               f"agent_url={sim.url}", "dry_run=true", "num_shards=2", "shard_id=range(2)"],
+                              cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
+    code, output = proc.returncode, proc.stdout + proc.stderr
+    assert code == EXIT_OK, output
+    assert "Sweep ended with exit code 0" in output and "merged" not in output.lower()
+    assert files_under(tmp_path) == ["in.jsonl"]
 
 
 async def test_agent_url_alone_sends_every_row_there(tmp_path: Path) -> None:

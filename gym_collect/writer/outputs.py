@@ -164,6 +164,13 @@ class RunOutputs:
                 f"{self.paths.output.parent / owner}, an output of the same stem; choose another output_jsonl_fpath"
             )
 
+    def failure_records(self) -> Iterator[tuple[tuple[int, int], dict[str, Any]]]:
+        """((task, rollout), record) of every failure record already there, reading only (a torn last line is
+        passed over). Raises `OutputError` for a line that is not a failure record."""
+        if self.paths.failures.exists():
+            for line_no, record in read_records(self.paths.failures, skip_torn_tail=True):
+                yield record_pair(record, self.paths.failures, line_no), record
+
     def materialized_records(self) -> Iterator[tuple[int, dict[str, Any]]] | None:
         """(line number, record) of the existing `<stem>_materialized_inputs.jsonl`, or None when there is none."""
         path = self.paths.materialized_inputs
