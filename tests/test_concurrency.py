@@ -237,6 +237,15 @@ def test_config_builds_one_limit_per_backend() -> None:
     assert limits.shared == min(cfg.global_aiohttp_connector_limit, 2 * cfg.global_aiohttp_connector_limit_per_host)
 
 
+def test_a_limit_for_an_agent_the_run_does_not_have_is_a_warning_naming_the_closest(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = CollectConfig(num_samples_in_parallel={"my_agent": 8, "smal_env": 2})
+    limits = InFlightLimits.from_config(cfg, {"my_agent": "http://h:1", "small_env": "http://h:2"})
+    assert limits.limit_of("my_agent") == 8 and limits.limit_of("small_env") is None
+    assert "num_samples_in_parallel.smal_env limits nothing" in caplog.text
+    assert "did you mean 'small_env'" in caplog.text
+
+
 # ------------------------------------------------------------------------------------- the real thing
 
 

@@ -10,6 +10,8 @@ awaiting, so `gym_collect.concurrency.sim` drives the same object in simulated t
 from __future__ import annotations
 
 import asyncio
+import difflib
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -20,6 +22,8 @@ from gym_collect.concurrency.spec import AUTO, parse_parallelism
 
 if TYPE_CHECKING:
     from gym_collect.config import CollectConfig
+
+log = logging.getLogger(__name__)
 
 REORDER_WINDOW_PER_SLOT = 32
 MIN_REORDER_WINDOW, MAX_REORDER_WINDOW = 4096, 65536
@@ -88,6 +92,12 @@ class InFlightLimits:
         client's (in all, per host), default the config's); each agent is its own backend (the one place to
         change when environment servers front several agents)."""
         spec = parse_parallelism(cfg.num_samples_in_parallel)
+        for named in spec.by_agent:  # a warning, not an error: a shard may hold no row of some agent
+            if named not in agent_urls:
+                close = difflib.get_close_matches(named, list(agent_urls), n=1, cutoff=0.5)
+                hint = f"did you mean {close[0]!r}?" if close else f"this run's agents: {', '.join(sorted(agent_urls))}"
+                log.warning("num_samples_in_parallel.%s limits nothing: no row of this run goes to an agent of that "
+                            "name; %s", named, hint)
         backend_of = {agent: agent for agent in agent_urls}
         levels: dict[str, AdaptiveLimit | int | None] = {}
         for agent, backend in backend_of.items():
