@@ -147,7 +147,8 @@ class RunMetrics:
         lines = [
             f"Rollouts: {self.succeeded} written, {self.failed} failed, {self.skipped_resume} already done "
             f"(of {self.expected}) in {snap['wall_time_s']:.1f} s, {snap['rollouts_per_s']:.2f} rollouts/s",
-            f"Latency s: p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  max {lat['max']:.3f}",
+            f"Latency s: p50 {lat['p50']:.3f}  p90 {lat['p90']:.3f}  p99 {lat['p99']:.3f}  max {lat['max']:.3f}"
+            if self.latency.count else "Latency s: none measured (no rollout answered in this run)",
         ]
         for agent, by_field in snap["fields"].items():
             means = ", ".join(f"{name}={stats['mean']:.4g}" for name, stats in sorted(by_field.items()))

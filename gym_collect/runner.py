@@ -162,7 +162,7 @@ class Runner:
         if self.metrics.stopped_reason is not None:
             return
         self.metrics.stopped_reason = reason
-        log.warning("Stopping: %s; waiting up to %.0f s for %d rollouts in flight", reason, grace_s,
+        log.warning("Stopping: %s; waiting up to %g s for %d rollouts in flight", reason, grace_s,
                     len(self._in_flight))
         if self._dispatcher is not None:
             self._dispatcher.cancel()

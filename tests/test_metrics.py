@@ -48,3 +48,12 @@ def test_masked_count_sums_across_shards() -> None:
     merged = merge_metrics(shards)
     assert merged["rollouts"]["masked"] == 3  # type: ignore[index]
     assert merged["fields"]["agent"]["reward"]["count"] == 2  # type: ignore[index]
+
+
+def test_a_run_that_measured_no_latency_says_so_instead_of_zeros() -> None:
+    idle = RunMetrics(expected=4)
+    idle.add_prior({"agent_ref": {"name": "a"}, "reward": 1.0})  # a resume with nothing left to send
+    assert "Latency s: none measured (no rollout answered in this run)" in idle.summary_lines()
+    busy = RunMetrics(expected=4)
+    busy.add_success("a", 0.25, {"reward": 1.0})
+    assert any(line.startswith("Latency s: p50 0.25") for line in busy.summary_lines())
