@@ -169,6 +169,9 @@ def _redacted_console(hidden: HiddenSecrets) -> Iterator[None]:
         sys.stdout, sys.stderr = saved
 
 
+COMMAND_ARGS: list[str] = []  # the command line as the user gave it (secrets redacted), for messages
+
+
 def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[], None]:
     """A console entry point: check the overrides, hide literal secrets, take the head server from NeMo Gym's
     `env.yaml` when there is one (`gym_collect.nemo.env_yaml`), let Hydra compose the config and
@@ -199,6 +202,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             print(f"{prog}: error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
         hidden.export()
+        COMMAND_ARGS[:] = [hidden.redact(arg) for arg in sys.argv[1:]]
         named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
         scratch = tempfile.mkdtemp(prefix="gym_collect_dry_run_")  # only a dry run's multirun writes in it
         sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *pinned, *hidden.args,

@@ -14,16 +14,16 @@ import csv
 import dataclasses
 import itertools
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gym_collect.cli import hydra_command
+from gym_collect.cli import COMMAND_ARGS, hydra_command
 from gym_collect.collect import collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError
+from gym_collect.reader import count_rows
 from gym_collect.writer import write_json_atomic
 
 log = logging.getLogger("gym_collect.tune")
@@ -92,7 +92,11 @@ async def sweep(cfg: CollectConfig) -> TuneReport:
     folder = output.with_name(output.stem + "_tune")
     tune, steps = cfg.tune, list[Step]()
     level, offset, reason = tune.start, cfg.start_idx, "reached tune.max_level"
+    total = count_rows(cfg.require_paths()[0]) if cfg.end_idx is None else cfg.end_idx
     while level <= tune.max_level:
+        if offset >= total:
+            reason = "the input ran out of rows"
+            break
         rows = max(tune.rows_per_step, MIN_ROWS_PER_PARALLEL_SLOT * level)
         step = await _run_step(cfg, folder / f"step-{len(steps) + 1:02d}-p{level}.jsonl", level, offset, rows)
         if step.rows == 0:
@@ -114,7 +118,7 @@ async def sweep(cfg: CollectConfig) -> TuneReport:
         step.knee = step.parallelism == knee
     recommended = max(1, round(tune.recommend_fraction * knee))
     report = TuneReport(steps, knee, recommended, reason, offset)
-    if tune.validate_rows:
+    if tune.validate_rows and offset < total:
         report.validation = await _run_step(cfg, folder / f"validate-p{recommended}.jsonl", recommended, offset,
                                             tune.validate_rows)
         report.next_start_idx += report.validation.rows
@@ -173,8 +177,8 @@ def format_report(report: TuneReport, command: str) -> str:
 def _tune_job(cfg: CollectConfig) -> int:
     report = asyncio.run(sweep(cfg))
     paths = write_report(report, cfg.require_paths()[1])
-    skip = ("tune.", "num_samples_in_parallel", "start_idx")
-    command = " ".join(["collect_rollouts", *(a for a in sys.argv[1:] if not a.lstrip("+").startswith(skip))])
+    skip = ("tune.", "num_samples_in_parallel", "start_idx", "hydra.job.name")
+    command = " ".join(["collect_rollouts", *(a for a in COMMAND_ARGS if not a.lstrip("+").startswith(skip))])
     print(format_report(report, command))
     print("Wrote " + ", ".join(str(p) for p in paths))
     return 0

@@ -53,3 +53,18 @@ def test_console_script_prints_table_and_writes_report(tmp_path: Path, clean_env
     assert report["recommended"] == round(0.8 * report["knee"])
     assert (tmp_path / "out_tune.csv").read_text().startswith("parallelism,")
     assert (tmp_path / "out_tune.png").stat().st_size > 1000
+
+
+def test_an_input_that_runs_out_ends_the_sweep_with_the_steps_it_has(tmp_path: Path,
+                                                                       clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(60))
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "tune_parallelism"), "+input_jsonl_fpath=in.jsonl",
+         "+output_jsonl_fpath=out.jsonl", "+agent_name=sim_agent", "sim.enabled=true", "sim.service_time_s=0.01",
+         "tune.start=4", "tune.rows_per_step=60", "tune.validate_rows=20"],
+        cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "Stopped: the input ran out of rows" in proc.stdout and "Validation" not in proc.stdout
+    next_line = next(line for line in proc.stdout.splitlines() if line.startswith("Next: "))
+    assert next_line.startswith("Next: collect_rollouts +input_jsonl_fpath=in.jsonl") and "hydra." not in next_line
+    assert orjson.loads((tmp_path / "out_tune.json").read_bytes())["next_start_idx"] == 60
