@@ -69,18 +69,23 @@ def test_merge_refuses_a_gap_naming_the_tasks(tmp_path: Path, clean_env: dict[st
     assert not (tmp_path / "m.jsonl").exists()
 
 
+def three_shards_and_a_single_run(tmp_path: Path, env: dict[str, str], *extra: str) -> list[Path]:
+    """`in.jsonl` collected as 3 shards (`shards/r_shard-*-of-03.jsonl`, returned) and as one run
+    (`single.jsonl`), with `extra` arguments, against a simulated agent."""
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
+        for k in range(3):
+            subprocess.run(collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", "num_shards=3", f"shard_id={k}",
+                                        *extra), cwd=tmp_path, env=env, check=True, timeout=60, capture_output=True)
+        subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl", *extra), cwd=tmp_path, env=env,
+                       check=True, timeout=60, capture_output=True)
+    return sorted((tmp_path / "shards").glob("r_shard-*-of-03.jsonl"))
+
+
 def test_shards_with_a_limit_split_the_first_rows_and_merge_to_the_single_run(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     write_rows(tmp_path / "in.jsonl", make_rows(70))
-    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
-        for k in range(3):
-            subprocess.run(collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", "num_shards=3", f"shard_id={k}",
-                                        "limit=40"), cwd=tmp_path, env=clean_env, check=True, timeout=60,
-                           capture_output=True)
-        subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl", "limit=40"), cwd=tmp_path,
-                       env=clean_env, check=True, timeout=60, capture_output=True)
-    shards = sorted((tmp_path / "shards").glob("r_shard-*-of-03.jsonl"))
+    shards = three_shards_and_a_single_run(tmp_path, clean_env, "limit=40")
     assert [len({t for t, _ in pairs(read_jsonl(p))}) for p in shards] == [13, 13, 14]
     proc = subprocess.run([str(BIN / "merge_rollouts"), "--output", "merged.jsonl", *map(str, shards)],
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
@@ -104,13 +109,7 @@ def test_shards_of_duplicate_lines_and_caller_indices_merge_to_the_single_run(
     tmp_path: Path, clean_env: dict[str, str]
 ) -> None:
     write_rows(tmp_path / "in.jsonl", nemo_indexed_rows(70))
-    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
-        for k in range(3):
-            subprocess.run(collect_args(sim.url, "output_jsonl_fpath=shards/r.jsonl", "num_shards=3", f"shard_id={k}"),
-                           cwd=tmp_path, env=clean_env, check=True, timeout=60, capture_output=True)
-        subprocess.run(collect_args(sim.url, "output_jsonl_fpath=single.jsonl"), cwd=tmp_path, env=clean_env,
-                       check=True, timeout=60, capture_output=True)
-    shards = sorted((tmp_path / "shards").glob("r_shard-*-of-03.jsonl"))
+    shards = three_shards_and_a_single_run(tmp_path, clean_env)
     single = Counter(pairs(read_jsonl(tmp_path / "single.jsonl")))
     assert len(shards) == 3 and max(single.values()) == 1
     assert max(r for _, r in single) >= REPEATS and max(t for t, _ in single) >= 900  # not a rectangle

@@ -14,9 +14,8 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-import yaml
-
 from gym_collect.errors import ConfigError
+from gym_collect.yaml_file import read_yaml
 
 ENV_YAML = "env.yaml"
 EXTRA_ROOTS_VAR = "NEMO_GYM_EXTRA_ROOTS"
@@ -38,14 +37,7 @@ def head_server_overrides(path: Path) -> list[str]:
     """`++head_server.host=...` and `++head_server.port=...` for what `path` sets of them (none when it has no
     `head_server`). Raises `ConfigError` naming the file when it cannot be read, is not YAML, or its
     `head_server` is not `{host: NAME, port: INTEGER}`; the message never quotes the file."""
-    try:
-        document = yaml.safe_load(path.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot be read ({exc.strerror}); fix it or move it away") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{where}; fix it (NeMo Gym reads it too)") from None
+    document = read_yaml(path, str(path))
     head = document.get("head_server") if isinstance(document, Mapping) else None
     if head is None:
         return []

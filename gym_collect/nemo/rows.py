@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
 
 from gym_collect.errors import AnsweredBadly, ConfigError, InputError, PermanentRolloutError
 from gym_collect.nemo.routing import (
@@ -31,6 +30,7 @@ from gym_collect.nemo.routing import (
     RouteKey,
     RowRouter,
 )
+from gym_collect.yaml_file import read_yaml
 
 RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_rollout_id")  # copied from the row onto its results
 TASK_INDEX_KEY = "_ng_task_index"
@@ -54,14 +54,7 @@ class PromptConfig:
     @classmethod
     def load(cls, path: str) -> PromptConfig:
         """Read a prompt YAML file; raises `ConfigError` naming the file."""
-        try:
-            data = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"prompt_config={path}: cannot read it ({exc.strerror})") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"prompt_config={path}: not valid YAML{where}; fix the file") from None
+        data = read_yaml(Path(path), f"prompt_config={path}")
         if not isinstance(data, dict) or not isinstance(data.get("user"), str) or not isinstance(
                 data.get("system", ""), str):
             raise ConfigError(f"prompt_config={path}: needs a `user` template (and optionally `system`), as strings")
