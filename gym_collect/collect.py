@@ -437,6 +437,7 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
             f"{found.snapshot.total_rows}: {expected} rollouts"
             + (f" ({found.bad_rows} bad rows become failures)" if found.bad_rows else ""),
         ]
+        refused = False  # the real run would not start
         for name, count in sorted(by_agent.items()):
             route = routes[name]
             reach = "the simulated agent"
@@ -445,15 +446,13 @@ async def _dry_run(cfg: CollectConfig, paths: OutputPaths, input_path: Path, sel
                     await client.probe(route.url, attempts=1)
                     reach = "reachable"
                 except GymCollectError:
-                    reach = "NOT reachable"
+                    reach, refused = "NOT reachable", True
             via = f" via environment server {route.environment_server}" if route.environment_server else ""
             label = "rows without agent_ref" if name == UNNAMED_AGENT else f"agent {name}"
             lines.append(f"  {label}: {count} rollouts -> POST {display_url(route.url)}/run{via} ({reach})")
-        unreachable = any(line.endswith("(NOT reachable)") for line in lines)
     done = _done_set(found, per_row)
     existing = [p for p in (paths.output, paths.failures) if p.exists() and p.stat().st_size > 0]
     lines.append(f"Output {paths.output} (side files {paths.output.stem}_*.json[l] beside it)")
-    refused = unreachable
     if existing and cfg.resume:
         try:
             marked, gated = _resume_plan(cfg, paths, input_path, found, builder, selection.start_idx, done)
