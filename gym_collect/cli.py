@@ -61,16 +61,17 @@ ConfigStore.instance().store(name=CONFIG_NAME, node={
 })
 
 
-def dry_run_overrides(args: Sequence[str], sweep_dir: str) -> list[str]:
+def dry_run_overrides(args: Sequence[str]) -> tuple[list[str], str | None]:
     """With `dry_run=true`, Hydra's overrides that keep it from writing a run folder, saved configs or a log
-    file (a dry run writes nothing); a multirun's job exit codes go to `sweep_dir`, a temporary folder the
-    caller removes."""
+    file (a dry run writes nothing), and the temporary folder a multirun's job exit codes go to (the caller
+    removes it); else `([], None)`."""
     for arg in args:
         match = OVERRIDE.match(arg)
         if match and match["key"] == "dry_run" and (match["rest"] or "").lower() in ("=true", "=1", "=yes"):
-            return ["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={sweep_dir}",
-                    "hydra/job_logging=stdout"]
-    return []
+            sweep_dir = tempfile.mkdtemp(prefix="gym_collect_dry_run_")
+            return (["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={sweep_dir}",
+                     "hydra/job_logging=stdout"], sweep_dir)
+    return [], None
 
 
 def to_config(cfg: DictConfig) -> CollectConfig:
@@ -204,9 +205,8 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
         hidden.export()
         COMMAND_ARGS[:] = [hidden.redact(arg) for arg in sys.argv[1:]]
         named = prog == CONFIG_NAME or completion or any(a.lstrip("+").startswith("hydra.job.name=") for a in args)
-        scratch = tempfile.mkdtemp(prefix="gym_collect_dry_run_")  # only a dry run's multirun writes in it
-        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *pinned, *hidden.args,
-                    *dry_run_overrides(args, scratch)]
+        dry_run, scratch = dry_run_overrides(args)
+        sys.argv = [sys.argv[0], *([] if named else [f"hydra.job.name={prog}"]), *pinned, *hidden.args, *dry_run]
         Sweep.current = None
         hydra_exit = 0
         interrupted = False
@@ -239,7 +239,8 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
                 code = max(codes)
             else:
                 code = max([*codes, hydra_exit])
-        shutil.rmtree(scratch, ignore_errors=True)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
         sys.exit(code)
 
     return entry_point
