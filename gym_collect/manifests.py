@@ -45,16 +45,10 @@ class ShardPlan:
     input_rows: range | None = None
 
 
-def read_manifest(shard: Path) -> dict[str, object] | None:
-    """The ``definition`` of ``<shard stem>_run.json``; None when the file does not exist.
+def read_manifest(shard: Path) -> dict[str, Any] | None:
+    """``<shard stem>_run.json``, whole; None when the file does not exist.
 
     Raises InputError when it exists but is not a ``gym_collect.run/1`` manifest with a definition object."""
-    doc = _read(shard)
-    return None if doc is None else doc["definition"]
-
-
-def _read(shard: Path) -> dict[str, Any] | None:
-    """The whole manifest, checked (``read_manifest``)."""
     path = OutputPaths(shard).manifest
     try:
         doc = orjson.loads(path.read_bytes())
@@ -81,7 +75,7 @@ def plan_from_manifests(paths: Sequence[str | os.PathLike[str]]) -> ShardPlan:
     for p in map(Path, paths):
         if not p.is_file():
             continue
-        doc = _read(p)
+        doc = read_manifest(p)
         if doc is None:
             lacking.append(p)
         else:
