@@ -22,7 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -42,7 +41,7 @@ from gym_collect.overrides import (
     hide_secrets,
     normalize_overrides,
 )
-from gym_collect.redact import REDACTED
+from gym_collect.redact import REDACTED, userinfo_span
 from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers
 from gym_collect.sweep import Sweep
 
@@ -123,10 +122,9 @@ def _literal_secrets(cfg: DictConfig) -> list[str]:
     secrets = [v for v in headers.values() if isinstance(v, str) and v and "${" not in v]
     urls = [raw.get("agent_url"), raw.get("head_server_url"), *(raw.get("agents") or {}).values()]
     for url in urls:
-        if isinstance(url, str) and "${" not in url:
-            userinfo, at, _ = urlsplit(url).netloc.rpartition("@")
-            if at and userinfo:
-                secrets.append(userinfo)
+        span = userinfo_span(url) if isinstance(url, str) and "${" not in url else None
+        if span is not None:
+            secrets.append(url[span[0]:span[1]])
     return secrets
 
 

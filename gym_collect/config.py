@@ -15,7 +15,7 @@ from yarl import URL
 from gym_collect.concurrency.spec import parse_parallelism
 from gym_collect.errors import ConfigError
 from gym_collect.nemo.keys import NemoGymOnlyKeys
-from gym_collect.redact import display_url
+from gym_collect.redact import Redactor, display_url, url_secrets
 
 UNLIMITED_CONNECTIONS = 1 << 20  # capped by the open-file limit at start
 
@@ -318,7 +318,7 @@ def check_url(name: str, url: str | None) -> None:
             else None
         )
     except (ValueError, TypeError) as exc:
-        problem = str(exc).removeprefix("Invalid URL: ")
+        problem = Redactor(url_secrets([url]))(str(exc).removeprefix("Invalid URL: "))
     if problem is not None:
         raise ConfigError(
             f"{name}={display_url(str(url))!r} is not a server address ({problem}): use http://HOST:PORT, "

@@ -26,11 +26,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from gym_collect.config import CollectConfig, config_keys, open_keys
 from gym_collect.errors import ConfigError
-from gym_collect.redact import Redactor
+from gym_collect.redact import AUTH_SCHEME, Redactor, userinfo_span
 
 HYDRA_FLAGS_WITH_VALUE = frozenset({
     "--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
@@ -43,6 +42,7 @@ OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<re
 SECRET_ENV_PREFIX = "GYM_COLLECT_SECRET_"
 SECRET_KEYS = ("headers",)
 URL_KEYS = ("agent_url", "head_server_url", "agents")
+SECRET_ARG = re.compile(r"^[+~]*(?P<key>(?:headers|agent_url|head_server_url|agents)\b[\w.\-]*)")
 
 
 def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> list[str]:
@@ -83,7 +83,7 @@ def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> li
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
             raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
-        if match["prefix"] == "+" or (match["prefix"] == "" and top in open_ and key != top):
+        if match["prefix"] == "+" or (match["prefix"] == "" and top in open_):
             arg = "++" + arg.lstrip("+")  # add-or-override: valid whether or not the key exists yet
         out.append(arg)
     return out
@@ -172,6 +172,10 @@ def hide_secrets(args: Sequence[str], environ: Mapping[str, str] = os.environ) -
             continue
         match = OVERRIDE.match(arg)
         top = match["key"].split(".", 1)[0] if match else ""
+        if match is None and (secret_arg := SECRET_ARG.match(arg)) is not None:
+            raise ConfigError(f"cannot read the argument that starts with {secret_arg['key']!r} (its value is not "
+                              "shown: it may be a secret): write it as KEY=VALUE, quoting the value, as in "
+                              "'+headers.Authorization=\"Bearer ...\"'")
         if match is None or match["rest"] is None or top not in (*SECRET_KEYS, *URL_KEYS):
             hidden.args.append(arg)
             continue
@@ -218,12 +222,9 @@ def _hide_header_value(value: Any, key: str, hidden: HiddenSecrets, environ: Map
     if isinstance(value, list):
         raise ConfigError(f"{key}: a header value is one string; quote a value that has commas")
     text = "" if value is None else str(value)
-    if "${" in text:
-        _note_env_references(text, hidden, environ)
-        return _quote(text)
     if not text:
         return "''"
-    return _new_reference(text, hidden)
+    return _quote(_hide_literals(text, hidden, environ))
 
 
 def _hide_url_value(value: Any, hidden: HiddenSecrets, environ: Mapping[str, str]) -> str:
@@ -234,15 +235,57 @@ def _hide_url_value(value: Any, hidden: HiddenSecrets, environ: Mapping[str, str
         return "null"
     text = str(value)
     _note_env_references(text, hidden, environ)
-    try:
-        netloc = urlsplit(text).netloc
-    except ValueError:
+    span = userinfo_span(text)
+    if span is None:
         return _quote(text)
-    userinfo, at, _ = netloc.rpartition("@")
-    if not at or not userinfo or "${" in userinfo:
-        return _quote(text)
-    start = text.index(netloc)
-    return _quote(text[:start] + _new_reference(userinfo, hidden) + "@" + text[start + len(userinfo) + 1:])
+    start, end = span
+    password = text[start:end].partition(":")[2]
+    if password and "${" not in password:
+        hidden.values.append(password)  # shown alone by a message that splits the URL
+    return _quote(text[:start] + _hide_literals(text[start:end], hidden, environ) + text[end:])
+
+
+def _hide_literals(text: str, hidden: HiddenSecrets, environ: Mapping[str, str]) -> str:
+    """`text` with each literal stretch between its `${...}` interpolations moved into an environment variable
+    (a reference in its place; OmegaConf joins adjacent interpolations into one string), but for a leading
+    authentication scheme (`Bearer ` before `${oc.env:TOKEN}`), which is no secret."""
+    out: list[str] = []
+    for n, (literal, interpolation) in enumerate(_segments(text)):
+        if literal and not (n == 0 and interpolation and _is_scheme_prefix(literal)):
+            literal = _new_reference(literal, hidden)
+        if interpolation:
+            _note_env_references(interpolation, hidden, environ)
+        out.append(literal + interpolation)
+    return "".join(out)
+
+
+def _segments(text: str) -> list[tuple[str, str]]:
+    """`text` as (literal, interpolation) pairs in order; an interpolation is a whole `${...}` with its nested
+    braces, the last pair's may be empty. An unclosed `${` is literal."""
+    pairs: list[tuple[str, str]] = []
+    literal_start = i = 0
+    while (start := text.find("${", i)) >= 0:
+        depth, j = 0, start
+        while j < len(text):
+            if text.startswith("${", j):
+                depth, j = depth + 1, j + 2
+                continue
+            if text[j] == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if depth:
+            break
+        pairs.append((text[literal_start:start], text[start:j + 1]))
+        literal_start = i = j + 1
+    pairs.append((text[literal_start:], ""))
+    return [(literal, interpolation) for literal, interpolation in pairs if literal or interpolation]
+
+
+def _is_scheme_prefix(literal: str) -> bool:
+    word = literal.strip()
+    return literal.endswith((" ", "\t")) and AUTH_SCHEME.fullmatch(word) is not None
 
 
 def _quote(text: str) -> str:

@@ -127,6 +127,8 @@ class Runner:
         self._dispatcher: asyncio.Task[None] | None = None
         self._finished = asyncio.Event()
         self._grace_timer: asyncio.TimerHandle | None = None
+        # an agent may echo the request's headers into its answer: no secret reaches a file
+        self._line = rollout_line if not client.redact else lambda record: client.redact.line(rollout_line(record))
 
     async def run(self, requests: Iterator[RolloutRequest]) -> None:
         """Dispatch every request and wait for all outcomes (or a stop). Raises the first
@@ -269,7 +271,7 @@ class Runner:
         if answer.get(FAILURE_CLASS_KEY):
             self._record_failure(request, answer, str(answer[FAILURE_CLASS_KEY]))
             return
-        self.writer.finish(request, rollout_line(self._stamp(request, answer)))
+        self.writer.finish(request, self._line(self._stamp(request, answer)))
         self.metrics.add_success(request.agent_name, latency_s, answer)
 
     def _stamp(self, request: RolloutRequest, record: dict[str, Any]) -> dict[str, Any]:
@@ -298,7 +300,7 @@ class Runner:
         self._record_failure(request, collector_failure(error), error.error_class)
 
     def _record_failure(self, request: RolloutRequest, record: dict[str, Any], failure_class: str) -> None:
-        self.writer.finish(request, None, rollout_line(self._stamp(request, record)))
+        self.writer.finish(request, None, self._line(self._stamp(request, record)))
         self.metrics.add_failure(request.agent_name, failure_class)
         reason = self.budget.exceeded(self.metrics.failed, self.metrics.done)
         if reason is not None:

@@ -190,13 +190,52 @@ def test_literal_secrets_become_environment_references() -> None:
         "agents.b=http://h:1", "headers.X=${oc.env:TOKEN}", "head_server_url=http://127.0.0.1:11000"]),
         environ={"TOKEN": "from-env"})
     assert hidden.args == [
-        "-m", "++headers.Authorization=${oc.env:GYM_COLLECT_SECRET_0}",
+        "-m", "++headers.Authorization='${oc.env:GYM_COLLECT_SECRET_0}'",
         "agent_url='http://${oc.env:GYM_COLLECT_SECRET_1}@127.0.0.1:9/x'", "++agents.b='http://h:1'",
         "++headers.X='${oc.env:TOKEN}'", "head_server_url='http://127.0.0.1:11000'"]
     assert hidden.env == {"GYM_COLLECT_SECRET_0": "Bearer abc def", "GYM_COLLECT_SECRET_1": "u:p%40ss"}
     assert hidden.redact("x Bearer abc def from-env u:p%40ss") == "x <redacted> <redacted> <redacted>"
     with pytest.raises(ConfigError, match="do not sweep secrets"):
         hide_secrets(["-m", "headers.A=a,b"])
+
+
+@pytest.mark.parametrize(("arg", "secret"), [
+    ("+headers.Authorization=Bearer SEKRET123-${oc.env:OCTOK}", "SEKRET123-"),  # a literal beside an interpolation
+    ("headers={X-Key: 'Token SEKRET123'}", "SEKRET123"),  # a whole mapping, without `+`
+    ("agent_url=user:PASSW0RD@127.0.0.1:80", "PASSW0RD"),  # no scheme
+    ("agent_url=http:/user:PASSW0RD@127.0.0.1:80", "PASSW0RD"),  # one slash: a URL parser sees a path
+    ("agent_url=http://user:PASS/W0RD@127.0.0.1:8", "PASS/W0RD"),  # an unescaped `/` in the password
+    ("agents={a: 'http://u:${oc.env:OCTOK}x9SEKRET@h:1'}", "x9SEKRET"),
+])
+def test_no_literal_secret_is_left_in_what_hydra_saves(arg: str, secret: str) -> None:
+    from gym_collect.overrides import hide_secrets
+
+    hidden = hide_secrets(normalize_overrides([arg]), environ={"OCTOK": "octok-value"})
+    assert secret not in " ".join(hidden.args) and hidden.env
+    assert secret in "".join(hidden.env.values())
+    said = hidden.redact(f"at {secret} and octok-value")
+    assert secret not in said and ("octok-value" in said) == ("OCTOK" not in arg)
+
+
+def test_a_leading_authentication_scheme_stays_readable() -> None:
+    from gym_collect.overrides import hide_secrets
+    from gym_collect.redact import Redactor
+
+    hidden = hide_secrets(["++headers.Authorization=Bearer ${oc.env:OCTOK}"], environ={"OCTOK": "octok-value"})
+    assert hidden.args == ["++headers.Authorization='Bearer ${oc.env:OCTOK}'"] and not hidden.env
+    redact = Redactor(["Bearer tok-123456"])
+    assert redact("the server expected a Bearer token, not Bearer tok-123456") == \
+        "the server expected a Bearer token, not <redacted>"
+
+
+@pytest.mark.parametrize("arg", ["+headers.Authorization:Bearer SEKRET123", '+headers.Bad Name="SEKRET123"',
+                                 "agent_url http://u:SEKRET123@h"])
+def test_an_unreadable_secret_argument_is_refused_without_its_value(arg: str) -> None:
+    from gym_collect.overrides import hide_secrets
+
+    with pytest.raises(ConfigError) as caught:
+        hide_secrets(normalize_overrides([arg]))
+    assert "SEKRET123" not in str(caught.value) and "KEY=VALUE" in str(caught.value)
 
 
 def test_a_short_header_value_leaves_every_log_line_readable(tmp_path: Path, clean_env: dict[str, str]) -> None:

@@ -5,6 +5,7 @@ HTTP and the operating system are handled, and every user error is one line."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import resource
 import signal
@@ -220,6 +221,31 @@ def test_secrets_echoed_in_error_bodies_reach_no_file_and_no_output(tmp_path: Pa
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("answer", ["failure", "rollout"])
+def test_secrets_an_agent_echoes_into_its_answer_reach_no_file(tmp_path: Path, clean_env: dict[str, str],
+                                                               answer: str) -> None:
+    async def echo_headers(request: web.Request) -> web.Response:
+        row = await request.json()
+        echoed = f"upstream saw {dict(request.headers)}"
+        if answer == "failure":
+            return web.json_response({"_ng_failure_class": "agent_run_error", "_ng_failure_message": echoed})
+        return web.json_response({**row, "response": {"output_text": echoed}, "reward": 1.0})
+
+    write_rows(tmp_path / "in.jsonl", make_rows(3))
+    secret, password = "tok-4f9c2a77e1d0b8", "pw-93be01c4"
+    with LoopbackServer({"POST /run": echo_headers}) as server:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           f"agent_url={server.url.replace('http://', f'http://agent:{password}@')}",
+                           f"+headers.X-Api-Key=Token {secret}")
+    assert code == (EXIT_FAILURES if answer == "failure" else EXIT_OK), output
+    lines = read_jsonl(tmp_path / ("out_failures.jsonl" if answer == "failure" else "out.jsonl"))
+    assert len(lines) == 3 and all("<redacted>" in str(line) for line in lines)
+    basic = base64.b64encode(f"agent:{password}".encode()).decode()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert not [s for s in (secret, password, basic) if s.encode() in path.read_bytes()], path
 
 
 # HTTP and the operating system -------------------------------------------------------------------------------
