@@ -225,8 +225,12 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 finally:
                     shutdown.finishing()
             metrics.stop_clock()
-            if not (cfg.disable_aggregation or cfg.dry_run or metrics.stopped_reason or shutdown.signal_name):
+            # a run its dispatch budget ended is scored, as 0.7 scores it (`rollout_collection.py:2826-2910`)
+            stopped = metrics.stopped_reason is not None and not metrics.stopped_reason.startswith(DISPATCH_BUDGET)
+            if not (cfg.disable_aggregation or cfg.dry_run or stopped or shutdown.signal_name):
                 await _aggregate(cfg, client, paths, routes, shutdown)
+            metrics.relabel({key: label for key, route in routes.items()
+                             if (label := route.label(key) or route.environment_server) not in (None, key)})
         change = rows.check_unchanged()
         in_output = skipped[0] + writer.written
         document = metrics.snapshot(limits.history_since(metrics.started))
@@ -354,9 +358,14 @@ async def _routes(cfg: CollectConfig, stack: AsyncExitStack, client: AgentClient
     router.resolve(keys, head)
     warn_overrides(keys)
     by_agent: Counter[str] = Counter()
+    seen: set[str] = set()
     for key, count in found.route_keys.items():
         for agent in router.targets(key):
             by_agent[agent] += count * (cfg.repeats_for(agent, key.basis) or 0)
+            seen.update(k for k in (agent, key.basis) if k is not None)
+    if isinstance(cfg.num_repeats, dict) and (unknown := sorted(set(cfg.num_repeats) - seen - {"_default"})):
+        log.warning("num_repeats dict contains agent names that never appeared in input rows (possible typo?): %s",
+                    unknown)  # 0.7's warning (`rollout_collection.py:2224-2230`)
     if sim_url is not None:
         return {agent: Route(sim_url) for agent in by_agent}, by_agent
     routes = resolve_routes(by_agent, agent_name=cfg.agent_name, agent_url=cfg.agent_url, direct=direct, head=head,
@@ -506,11 +515,13 @@ def _exit_code(cfg: CollectConfig, metrics: RunMetrics, in_output: int, expected
     if in_output == expected:
         return EXIT_OK
     reason = metrics.stopped_reason
-    if reason is not None:
-        stopped = reason.startswith(("failure budget", DISPATCH_BUDGET, FAILURE_STOPS_RUN))
+    if reason is not None and not reason.startswith(DISPATCH_BUDGET):
+        stopped = reason.startswith(("failure budget", FAILURE_STOPS_RUN))
         return EXIT_STOPPED if stopped else EXIT_INTERRUPTED
     lenient = cfg.require_complete is False or (cfg.route_failures_to_sidecar and cfg.require_complete is None)
-    return EXIT_OK if lenient and in_output > 0 else EXIT_FAILURES
+    if lenient and in_output > 0:
+        return EXIT_OK
+    return EXIT_STOPPED if reason is not None else EXIT_FAILURES
 
 
 def _explain(code: int, paths: OutputPaths, input_path: Path, missing: int, metrics: RunMetrics,

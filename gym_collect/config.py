@@ -15,6 +15,7 @@ from yarl import URL
 from gym_collect.concurrency.spec import parse_parallelism
 from gym_collect.errors import ConfigError
 from gym_collect.nemo.keys import NemoGymOnlyKeys
+from gym_collect.nemo.search_roots import resolve_read_path
 from gym_collect.redact import Redactor, display_url, url_secrets
 
 UNLIMITED_CONNECTIONS = 1 << 20  # capped by the open-file limit at start
@@ -266,12 +267,13 @@ class CollectConfig(NemoGymOnlyKeys):
         return None if default is None else int(default)
 
     def require_paths(self) -> tuple[Path, Path]:
-        """The input and output paths; raises `ConfigError` naming whichever is missing."""
+        """The input and output paths; raises `ConfigError` naming whichever is missing. A relative input path is
+        looked for as NeMo Gym 0.7 looks for it (`gym_collect.nemo.search_roots`); the output's is not."""
         for name in ("input_jsonl_fpath", "output_jsonl_fpath"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required: pass {name}=PATH")
         assert self.input_jsonl_fpath and self.output_jsonl_fpath
-        return Path(self.input_jsonl_fpath), Path(self.output_jsonl_fpath)
+        return resolve_read_path(self.input_jsonl_fpath), Path(self.output_jsonl_fpath)
 
     @property
     def parallelism_limit(self) -> int | None:

@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
@@ -176,6 +176,19 @@ class RunMetrics:
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
             "stopped": self.stopped_reason,
         }
+
+    def relabel(self, labels: Mapping[str, str]) -> None:
+        """Report each routing key of `labels` under its label (a materialized taskset row's environment server
+        under the agent its results belong to); what meets under one label is merged."""
+        for key, label in labels.items():
+            counts = self.by_agent.pop(key, None)
+            if counts is not None:
+                self._agent(label).update(counts)
+            fields = self.fields.agents.pop(key, None)
+            if fields is not None:
+                merged = NumericFieldStats()
+                merged.agents = {label: fields}
+                self.fields.merge(merged)
 
     def _agent(self, agent: str) -> Counter[str]:
         counts = self.by_agent.get(agent)

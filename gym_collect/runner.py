@@ -280,11 +280,11 @@ class Runner:
         record[ROLLOUT_INDEX_KEY] = request.rollout_index
         if request.agent_ref is not None:
             record[AGENT_REF_KEY] = request.agent_ref
-        if request.attempt:
-            record[ATTEMPT_INDEX_KEY] = request.attempt
-        record.update(self.result_fields.get(request.agent_name, ()))
         if request.stamps:
             record.update(request.stamps)
+        if request.attempt:
+            record[ATTEMPT_INDEX_KEY] = request.attempt  # this run's, over the row's own
+        record.update(self.result_fields.get(request.agent_name, ()))
         return record
 
     def _give_up(self, request: RolloutRequest, error: RolloutError, attempts: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import orjson
 import pytest
 
 from gym_collect.collect import EXIT_OK, EXIT_STOPPED, collect
@@ -64,3 +65,22 @@ async def test_a_spent_dispatch_budget_leaves_the_rest_for_resume(tmp_path: Path
     assert first.metrics is not None and first.metrics["stopped"].startswith("dispatch budget spent")
     assert second.exit_code == EXIT_OK
     assert sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(40)]
+
+
+@pytest.mark.parametrize("lenient", [False, True])
+async def test_a_run_its_dispatch_budget_ended_is_scored_with_what_never_started_as_zeros(
+        tmp_path: Path, lenient: bool) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(40))
+    out = tmp_path / "out.jsonl"
+    async with SimAgent(SimAgentConfig(capacity=2, service_time_s=0.1, service_sigma=0.0)) as sim:
+        result = await collect(config(inp, out, sim.url, num_samples_in_parallel=2, dispatch_budget_s=0.5,
+                                      drain_margin_s=0.0, count_missing_rollouts_as_zero=True,
+                                      require_complete=False if lenient else None))
+    written = read_jsonl(out)
+    assert 0 < len(written) < 40
+    assert result.exit_code == (EXIT_OK if lenient else EXIT_STOPPED)  # 0.7's rule under require_complete=false
+    [entry] = orjson.loads(out.with_name("out_aggregate_metrics.json").read_bytes())
+    tasks = entry["group_level_metrics"]
+    assert len(tasks) == 40  # every materialized rollout scored: the ones that never started as zeros
+    never_started = {t for t in range(40)} - {t for t, _ in pairs(written)}
+    assert all(g["mean/reward"] == 0.0 for g in tasks if g["_ng_task_index"] in never_started)

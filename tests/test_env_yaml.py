@@ -99,3 +99,25 @@ def test_a_bad_env_yaml_is_one_line_naming_it(tmp_path: Path, clean_env: dict[st
     assert proc.stderr.strip().count("\n") == 0 and message in proc.stderr and "env.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr and SECRET not in proc.stderr + proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_relative_input_and_prompt_paths_are_found_as_nemo_gym_finds_them(
+        tmp_path: Path, clean_env: dict[str, str]) -> None:
+    root, run_dir = tmp_path / "gym_root", tmp_path / "elsewhere"
+    (root / "data").mkdir(parents=True)
+    run_dir.mkdir()
+    write_rows(root / "data" / "rows.jsonl", [{"question": f"q{i}"} for i in range(4)])
+    (root / "data" / "prompt.yaml").write_text("system: null\nuser: 'Q: {question}'\n")
+    args = ["+input_jsonl_fpath=data/rows.jsonl", "+prompt_config=data/prompt.yaml", "+output_jsonl_fpath=out.jsonl",
+            "progress=false", "disable_aggregation=true"]
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0)) as sim:
+        env = {**clean_env, "NEMO_GYM_EXTRA_ROOTS": str(root)}
+        found = subprocess.run([COLLECT, f"agent_url={sim.url}", *args], cwd=run_dir, env=env, capture_output=True,
+                               text=True, timeout=120)
+        missing = subprocess.run([COLLECT, f"agent_url={sim.url}", *args, "overwrite=true"], cwd=run_dir,
+                                 env=clean_env, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0, found.stderr + found.stdout
+    written = read_jsonl(run_dir / "out.jsonl")  # written where it was asked for, not under the root
+    prompts = sorted(r["responses_create_params"]["input"][0]["content"] for r in written)
+    assert prompts == [f"Q: q{i}" for i in range(4)]
+    assert missing.returncode == 2 and "data/rows.jsonl: input file not found" in missing.stderr + missing.stdout

@@ -362,7 +362,8 @@ async def test_materialized_taskset_rows_go_as_episode_requests_to_their_route(t
     ports: list[int] = []
 
     async def head(request: web.Request) -> web.Response:
-        env = {"host": "127.0.0.1", "port": ports[0], "entrypoint": "app.py"}
+        env = {"host": "127.0.0.1", "port": ports[0], "entrypoint": "app.py",
+               "agent_server": {"type": "responses_api_agents", "name": "episode_agent"}}
         return web.json_response(yaml.safe_dump({"tasks_env": {"environment_servers": {"episode_env": env}}}))
 
     async def run(request: web.Request) -> web.Response:
@@ -400,6 +401,10 @@ async def test_materialized_taskset_rows_go_as_episode_requests_to_their_route(t
     said = {f["_ng_task_index"]: f["_ng_failure_message"] for f in failures if f not in handled}
     assert sorted(said) == [3, 3, 4, 4, 5, 5][::2] and len(failures) == 8
     assert "non-object result" in said[3] and "reserved for rollout collection: ['_ng_task_index']" in said[4]
+    # reports and the aggregate entry name the agent the environment server is attributed to, as 0.7 labels it
+    entries = orjson.loads((tmp_path / "out_aggregate_metrics.json").read_bytes())
+    assert [(e["agent_ref"]["name"], e["_ng_environment_server"]) for e in entries] == [("episode_agent", "tasks_env")]
+    assert result.metrics is not None and list(result.metrics["by_agent"]) == ["episode_agent"]
     assert "non-object failure" in said[5]
     with pytest.raises(ConfigError, match="environment_routing_mode=taskset takes only materialized task rows"):
         RequestBuilder(router(taskset_routes={"ts": "e"}, tasksets_only=True), lambda *k: 1, {}).check({"q": 1}, "x")
@@ -417,3 +422,27 @@ def test_interleave_repeats_sends_abcabc_with_the_same_indices(tmp_path: Path) -
     assert [(t, r) for t, r, _ in got] == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (0, 3)]  # sorted by rollout index
     assert sorted((t, r) for t, r, _ in got) == sorted(nemo_pairs(path, 2))
     assert [seq for *_, seq in got] == list(range(6))
+
+
+async def test_row_stamps_reach_results_in_order_and_an_unused_num_repeats_entry_is_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from aiohttp import web
+
+    from tests.servers import LoopbackServer
+
+    async def answer_without_echo(request: web.Request) -> web.Response:
+        return web.json_response({"response": {"output_text": "4"}, "reward": 1.0})
+
+    rows = make_rows(3)
+    rows[0].update({"_ng_attempt_index": 2, "_ng_rollout_id": "r-0", "task_source": "math"})
+    inp = write_rows(tmp_path / "in.jsonl", rows)
+    with LoopbackServer({"POST /run": answer_without_echo}) as server, caplog.at_level(logging.WARNING):
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, disable_aggregation=True,
+                                      num_repeats={"sim_agent": 2, "nosuch": 5}))
+    assert result.exit_code == 0
+    assert "never appeared in input rows (possible typo?): ['nosuch']" in caplog.text
+    stamped = [r for r in read_jsonl(tmp_path / "out.jsonl") if r["_ng_task_index"] == 0]
+    assert len(stamped) == 2  # the row's own stamps, in 0.7's order (`rollout_collection.py:2597-2616`)
+    assert [list(r)[2:] for r in stamped] == [["_ng_task_index", "_ng_rollout_index", "agent_ref", "task_source",
+                                               "_ng_attempt_index", "_ng_rollout_id"]] * 2
+    assert stamped[0]["_ng_attempt_index"] == 2

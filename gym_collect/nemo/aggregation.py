@@ -31,7 +31,7 @@ from gym_collect.errors import ConfigError
 from gym_collect.nemo.default_metrics import default_aggregate_metrics
 from gym_collect.nemo.head import AGENT_TYPE, ENVIRONMENT_TYPE, HeadDocument
 from gym_collect.nemo.metric_inputs import DEFAULT_SORT_BUFFER_BYTES, Grouper, GroupRows, MetricInputs, MetricSources
-from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, UNNAMED_AGENT, Route
+from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, Route
 from gym_collect.redact import display_url
 from gym_collect.spooled import StreamedList
 from gym_collect.writer import OutputPaths, replace_atomic
@@ -70,11 +70,11 @@ class AggregationTarget:
 
 
 def targets_from_routes(routes: Mapping[str, Route]) -> dict[str, AggregationTarget]:
-    """The targets of a run's routes (agent name -> `Route`): one per environment server, labelled by the first
-    agent behind it, and one per agent reached directly."""
+    """The targets of a run's routes (routing key -> `Route`): one per environment server, labelled by the first
+    agent behind it (`Route.label`), and one per agent reached directly."""
     targets: dict[str, AggregationTarget] = {}
     for agent, route in routes.items():
-        name = None if agent == UNNAMED_AGENT else agent
+        name = route.label(agent)
         if route.environment_server is not None:
             targets.setdefault(route.environment_server, AggregationTarget(route.url, name))
         else:

@@ -1,32 +1,29 @@
 """NeMo Gym's `env.yaml`: where NeMo Gym users pin the head server (`head_server.host`, `head_server.port`).
 
-NeMo Gym 0.7 merges the first `env.yaml` found under the `NEMO_GYM_EXTRA_ROOTS` folders (`os.pathsep`-separated),
-then the working directory, then its install root, below the command line (`nemo_gym/global_config.py:1404-1413`,
-`nemo_gym/__init__.py:48-108`). This tool reads only the file's `head_server`, as overrides placed before the
-command line's own (so the command line and `head_server_url` still win). The rest of the file belongs to NeMo Gym's
-servers (API keys among them): it is never put into the config, logged or saved.
+NeMo Gym 0.7 merges the first `env.yaml` found under its search roots (`gym_collect.nemo.search_roots`) below the
+command line (`nemo_gym/global_config.py:1404-1413`). This tool reads only the file's `head_server`, as overrides
+placed before the command line's own (so the command line and `head_server_url` still win). The rest of the file
+belongs to NeMo Gym's servers (API keys among them): it is never put into the config, logged or saved.
 """
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from gym_collect.errors import ConfigError
+from gym_collect.nemo.search_roots import search_roots
 from gym_collect.yaml_file import read_yaml
 
 ENV_YAML = "env.yaml"
-EXTRA_ROOTS_VAR = "NEMO_GYM_EXTRA_ROOTS"
 HOST = re.compile(r"[A-Za-z0-9._\-:\[\]]+")  # a name or an IPv4/IPv6 address: safe unquoted in a Hydra override
 
 
 def find_env_yaml(cwd: Path | None = None) -> Path | None:
-    """The `env.yaml` NeMo Gym would read: under a `NEMO_GYM_EXTRA_ROOTS` folder, else in `cwd` (default: the
-    working directory); None when there is none."""
-    roots = [Path(d) for d in os.environ.get(EXTRA_ROOTS_VAR, "").split(os.pathsep) if d]
-    for root in [*roots, cwd or Path.cwd()]:
+    """The `env.yaml` NeMo Gym would read: the first under its search roots (`NEMO_GYM_EXTRA_ROOTS`, `cwd`
+    (default: the working directory), its install root); None when there is none."""
+    for root in search_roots(cwd):
         candidate = root / ENV_YAML
         if candidate.is_file():
             return candidate

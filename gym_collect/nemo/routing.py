@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from gym_collect.errors import ConfigError
@@ -39,6 +39,18 @@ class Route:
     url: str
     environment_server: str | None = None
     result_type: str | None = None
+    # of an environment server: the agent its results belong to (`attributed_agent`), for labels only
+    agent: str | None = field(default=None, compare=False)
+
+    def label(self, key: str) -> str | None:
+        """The agent name that reports and aggregate entries show for the routing key `key`: the key itself for
+        an agent, the attributed agent for a materialized taskset row's environment server (None: unknown),
+        None for rows sent to `agent_url` without an `agent_ref`."""
+        if key == UNNAMED_AGENT:
+            return None
+        if key.startswith(ENVIRONMENT_TARGET):
+            return self.agent
+        return key
 
     @property
     def stamps(self) -> dict[str, str]:
@@ -247,7 +259,7 @@ def _agent_route(head: HeadDocument, agent: str) -> Route:
 
 
 def _environment_route(head: HeadDocument, name: str) -> Route:
-    return Route(head.address(name), name, head.instances[name].impl)
+    return Route(head.address(name), name, head.instances[name].impl, head.attributed_agent(name))
 
 
 def warn_overrides(keys: Iterable[RouteKey]) -> None:

@@ -16,7 +16,6 @@ import json
 import string
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -30,9 +29,11 @@ from gym_collect.nemo.routing import (
     RouteKey,
     RowRouter,
 )
+from gym_collect.nemo.search_roots import resolve_read_path
 from gym_collect.yaml_file import read_yaml
 
-RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_rollout_id")  # copied from the row onto its results
+# copied from the row onto its results, in 0.7's order (`rollout_collection.py:2597-2616`)
+RESULT_STAMP_KEYS = ("task_source", "skills_ref", "_ng_attempt_index", "_ng_rollout_id")
 TASK_INDEX_KEY = "_ng_task_index"
 ATTEMPT_INDEX_KEY = "_ng_attempt_index"
 ROLLOUT_ID_KEY = "_ng_rollout_id"
@@ -53,10 +54,11 @@ class PromptConfig:
 
     @classmethod
     def load(cls, path: str) -> PromptConfig:
-        """Read a prompt YAML file; raises `ConfigError` naming the file."""
-        data = read_yaml(Path(path), f"prompt_config={path}")
+        """Read a prompt YAML file (a relative path is looked for as NeMo Gym 0.7 looks for it,
+        `gym_collect.nemo.search_roots`); raises `ConfigError` naming the file."""
+        data = read_yaml(resolve_read_path(path), f"prompt_config={path}")
         if not isinstance(data, dict) or not isinstance(data.get("user"), str) or not isinstance(
-                data.get("system", ""), str):
+                data.get("system"), str | None):
             raise ConfigError(f"prompt_config={path}: needs a `user` template (and optionally `system`), as strings")
         for name in ("system", "user"):
             template = data.get(name)
