@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from gym_collect.nemo.rows import RequestBuilder
 BOM = b"\xef\xbb\xbf"
 DIGEST_SIZE = 16
 STAT_EVERY_ROWS = 1024
+BLOCK_LINES = 1024  # a block of the input checked whole before any of its rows is sent (`_Blocks`)
+BLOCK_BYTES = 1 << 20
 T = TypeVar("T")
 
 
@@ -88,11 +91,12 @@ class RowSelection:
 class JsonlRows:
     """The selected rows of a JSONL file, read lazily: memory is one line at a time.
 
-    With `expected` (what the check pass saw), iteration also watches the file: it stops early and sets
-    `change` when the file's size or modification time moved (checked every `STAT_EVERY_ROWS` rows), or
-    when the bytes up to the last selected row differ from the check pass's (`selection_digest`), or the
-    file ends too soon. Raises `InputError` (`file:line: reason`) when the file cannot be opened; bad rows
-    are yielded with `error` set, so the caller decides between stopping and skipping.
+    With `expected` (what the check pass saw), iteration also watches the file: a row is given only once the
+    block of lines it is in matched the check pass's CRC-32 (`_Blocks`), so no row is sent as it was not
+    checked; it stops early and sets `change` at a block that differs, when the file's size or modification
+    time moved (checked every `STAT_EVERY_ROWS` rows), or when the file ends too soon. Raises `InputError`
+    (`file:line: reason`) when the file cannot be opened; bad rows are yielded with `error` set, so the caller
+    decides between stopping and skipping.
     """
 
     def __init__(
@@ -110,18 +114,16 @@ class JsonlRows:
     def __iter__(self) -> Iterator[Row]:
         start, stop = self.selection.start_idx, self.selection.stop_idx
         expected = self.expected
-        # the whole file's fingerprint is computed only when reading to its end (the check pass); every pass
-        # checks the selection with CRC-32 (zlib), which is 5x cheaper than BLAKE2b per byte and, with the
-        # size, modification time and row count, enough to notice a file edited in place
+        # the whole file's fingerprint is computed only when reading to its end (the check pass); later passes
+        # check the selection block by block with CRC-32 (zlib), 5x cheaper than BLAKE2b per byte
         digest = hashlib.blake2b(digest_size=DIGEST_SIZE) if self.read_to_end else None
-        crc = through_selection = 0  # CRC-32 of the bytes so far, and of those through the last selected row
         seen = 0
         index = -1
+        blocks = _Blocks(stop, expected.block_crcs if expected is not None else None, record=self.read_to_end)
         with _open_input(self.path) as f:
-            for line_no, raw in enumerate(f, 1):
+            for line_no, raw in blocks.lines(f):
                 if digest is not None:
                     digest.update(raw)
-                crc = zlib.crc32(raw, crc)
                 if line_no == 1 and raw.startswith(BOM):
                     raw = raw[len(BOM):]
                 if not raw.strip():
@@ -137,22 +139,21 @@ class JsonlRows:
                 if expected is not None and seen % STAT_EVERY_ROWS == 0 and self._moved(expected):
                     return
                 yield _parse_row(raw, index, line_no)
-                through_selection = crc
                 if stop is not None and index + 1 >= stop:
                     break
-            selection_digest = f"{through_selection:08x}"
+            if blocks.mismatch is not None:
+                self.change = blocks.mismatch
+                return
             if digest is not None:
                 size = f.tell()
                 for raw in f:
                     digest.update(raw)
                     size += len(raw)
                     index += bool(raw.strip())
-                self.totals = FileTotals(index + 1, size, selection_digest, digest.hexdigest())
+                self.totals = FileTotals(index + 1, size, digest.hexdigest(), blocks.recorded)
         if expected is not None and self.change is None:
             if seen < expected.num_rows:
                 self.change = f"it now ends after {seen} of the {expected.num_rows} selected rows"
-            elif selection_digest != expected.selection_digest:
-                self.change = "the selected rows' content differs from the check at start"
             else:
                 self._moved(expected)
 
@@ -192,15 +193,82 @@ def shard_range(num_rows: int, num_shards: int, shard_id: int) -> tuple[int, int
     return num_rows * shard_id // num_shards, num_rows * (shard_id + 1) // num_shards
 
 
+class _Blocks:
+    """The file's lines in blocks that end on a row once they hold `BLOCK_LINES` lines or `BLOCK_BYTES` bytes (a
+    longer line is a block of its own), or at the last selected row (row index `stop - 1`), so that every pass
+    cuts the same blocks from the same bytes.
+
+    With `record` (the check pass), each block's CRC-32 is appended to `recorded`. With `expected` (the check
+    pass's CRCs), a block's lines are given only once the whole block was read and its CRC matched: a row
+    edited, truncated or appended after the check pass is never sent, and `mismatch` says why the lines
+    stopped. With neither, the lines as they are. Memory: one block; four bytes a block for the CRCs.
+    """
+
+    def __init__(self, stop: int | None, expected: array[int] | None = None, record: bool = False) -> None:
+        self.stop, self.expected, self.record = stop, expected, record
+        self.recorded: array[int] = array("I")
+        self.mismatch: str | None = None
+
+    def lines(self, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+        """(line number from 1, raw line) of `f`, block by block."""
+        if self.expected is None and not self.record:
+            yield from enumerate(f, 1)
+            return
+        block: list[tuple[int, bytes]] = []
+        count = crc = size = 0
+        through_row: int | None = None  # the block's CRC through its last non-blank line
+        index = -1  # row index of the last non-blank line read
+        for line_no, raw in enumerate(f, 1):
+            crc, size, count = zlib.crc32(raw, crc), size + len(raw), count + 1
+            is_row = bool((raw[len(BOM):] if line_no == 1 and raw.startswith(BOM) else raw).strip())
+            if is_row:
+                index += 1
+                through_row = crc
+            last = self.stop is not None and index + 1 >= self.stop
+            # a block ends on a row, so blank lines after the last row belong to none, whichever pass cuts it
+            closing = is_row and (count >= BLOCK_LINES or size >= BLOCK_BYTES or last)
+            if self.expected is None:  # recording: the CRC is kept before the line is given (a reader may stop)
+                if closing:
+                    self.recorded.append(crc)
+                    count = crc = size = 0
+                    through_row = None
+                yield line_no, raw
+                continue
+            block.append((line_no, raw))
+            if closing:
+                if not self._verified(crc):
+                    return
+                yield from block
+                block, count, crc, size, through_row = [], 0, 0, 0, None
+                if last:
+                    return
+        # the last block ends at the last row, as a pass that stops there cuts it; blank lines after it are no row
+        if through_row is not None:
+            if self.expected is None:
+                self.recorded.append(through_row)
+            elif self._verified(through_row):
+                yield from block
+
+    def _verified(self, crc: int) -> bool:
+        n = len(self.recorded)
+        assert self.expected is not None
+        if n >= len(self.expected) or self.expected[n] != crc:
+            self.mismatch = ("the selected rows' content differs from the check at start (block "
+                             f"{n + 1} of {len(self.expected)} of the input, which was not sent)")
+            return False
+        self.recorded.append(crc)
+        return True
+
+
 @dataclass(frozen=True)
 class FileTotals:
-    """What reading a file to its end found: rows (non-blank lines), bytes, the CRC-32 (hex) of the bytes
-    through the last selected row and the BLAKE2b-128 digest (hex) of the whole file."""
+    """What reading a file to its end found: rows (non-blank lines), bytes, the BLAKE2b-128 digest (hex) of the
+    whole file and the CRC-32 of each block through the last selected row (`_Blocks`)."""
 
     rows: int
     size: int
-    selection_digest: str
     fingerprint: str
+    block_crcs: array[int] = field(default_factory=lambda: array("I"))
 
 
 @dataclass(frozen=True)
@@ -208,8 +276,8 @@ class InputSnapshot:
     """The input as the check pass saw it; it fixes the run's selection.
 
     `num_rows` selected rows of `total_rows`; `size`, `mtime_ns`, `inode` from `stat`; `fingerprint` a
-    BLAKE2b-128 hex digest of every byte, `selection_digest` a CRC-32 of the bytes through the last selected
-    row (it is compared within one run only).
+    BLAKE2b-128 hex digest of every byte, `block_crcs` the CRC-32 of each block through the last selected row
+    (`_Blocks`; compared within one run only).
     """
 
     num_rows: int
@@ -218,7 +286,7 @@ class InputSnapshot:
     mtime_ns: int
     inode: int
     fingerprint: str
-    selection_digest: str
+    block_crcs: array[int] = field(default_factory=lambda: array("I"), repr=False)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -285,7 +353,7 @@ def scan(
         raise InputError(f"{rows.path}: the input changed while it was being checked; rerun once it is complete")
     result.snapshot = InputSnapshot(
         result.num_rows, totals.rows, after.st_size, after.st_mtime_ns, after.st_ino, totals.fingerprint,
-        totals.selection_digest,
+        totals.block_crcs,
     )
     _index_pass(rows, result, builder, checkpoint)
     return result

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gym_collect.errors import ConfigError, InputError
@@ -124,3 +125,60 @@ def test_any_row_survives_read(tmp_path_factory: pytest.TempPathFactory, rows: l
     path = write_rows(tmp_path_factory.mktemp("rows") / "in.jsonl", rows)
     got = list(JsonlRows(path, RowSelection()))
     assert [r.data for r in got] == rows
+
+
+# Rows are sent only as the check pass saw them --------------------------------------------------------------
+
+LINE = st.one_of(st.just(b"\n"), st.just(b"  \r\n"), st.integers(0, 10**6).map(lambda i: b'{"q": %d}\n' % i),
+                 st.integers(0, 10**6).map(lambda i: b'{"pad": "%s"}\r\n' % (b"x" * (i % 90))))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gym_collect.reader
+
+    monkeypatch.setattr(gym_collect.reader, "BLOCK_LINES", 3)
+    monkeypatch.setattr(gym_collect.reader, "BLOCK_BYTES", 60)
+
+
+def checked(path: Path, selection: RowSelection) -> JsonlRows:
+    """The rows a run dispatches after its check pass over `selection` (as `collect` builds them)."""
+    found = scan(JsonlRows(path, selection), builder(), "skip")
+    assert found.snapshot is not None
+    start = selection.start_idx
+    return JsonlRows(path, RowSelection(start, start + found.num_rows), expected=found.snapshot)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINE, min_size=1, max_size=40), bom=st.booleans(), start=st.integers(0, 12),
+       stop=st.one_of(st.none(), st.integers(0, 40)))
+def test_an_unchanged_file_passes_every_block_check(tmp_path_factory: pytest.TempPathFactory, small_blocks: None,
+                                                    lines: list[bytes], bom: bool, start: int,
+                                                    stop: int | None) -> None:
+    path = tmp_path_factory.mktemp("blocks") / "in.jsonl"
+    path.write_bytes((b"\xef\xbb\xbf" if bom else b"") + b"".join(lines))
+    selection = RowSelection(start, None if stop is None else max(start, stop))
+    try:
+        rows = checked(path, selection)
+    except InputError:
+        return  # an empty selection is refused before any block is checked
+    assert [r.index for r in rows] == [r.index for r in JsonlRows(path, selection)]
+    assert rows.change is None
+
+
+@pytest.mark.parametrize("edit", ["same_size_same_mtime", "truncate_mid_line", "append"])
+def test_a_row_changed_after_the_check_pass_is_never_given(tmp_path: Path, small_blocks: None, edit: str) -> None:
+    path = write_rows(tmp_path / "in.jsonl", [{"q": f"q{i:03d}"} for i in range(30)])
+    rows = checked(path, RowSelection())
+    original = path.read_bytes()
+    info = path.stat()
+    if edit == "same_size_same_mtime":
+        path.write_bytes(original.replace(b"q017", b"Q017"))
+        os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    elif edit == "truncate_mid_line":
+        path.write_bytes(original[: original.index(b"q017") + 2])
+    else:
+        path.write_bytes(original + b'{"q": "late"}\n')
+    given = [r.data for r in rows]
+    assert all(d is not None and d["q"].startswith("q") for d in given)  # only rows as they were checked
+    assert len(given) < (17 if edit != "append" else 31) and rows.change is not None

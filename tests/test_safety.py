@@ -159,7 +159,8 @@ async def test_answers_that_are_never_persisted_do_not_count_as_done(tmp_path: P
 
 @pytest.mark.parametrize("change", ["truncate", "append", "edit"])
 async def test_an_input_changed_during_the_run_is_reported(tmp_path: Path, change: str) -> None:
-    inp = write_rows(tmp_path / "in.jsonl", make_rows(400))
+    rows = make_rows(5000)
+    inp = write_rows(tmp_path / "in.jsonl", rows)
     original = inp.read_bytes()
     changed = threading.Event()
 
@@ -171,16 +172,21 @@ async def test_an_input_changed_during_the_run_is_reported(tmp_path: Path, chang
             elif change == "append":
                 with inp.open("ab") as f:
                     f.write(b"".join(orjson.dumps(r) + b"\n" for r in make_rows(200)))
-            else:
-                inp.write_bytes(original.replace(b"What is 399", b"What is 398"))
+            else:  # in place: the same size, and the modification time put back
+                info = inp.stat()
+                inp.write_bytes(original.replace(b"What is 3", b"What is 9"))
+                os.utime(inp, ns=(info.st_atime_ns, info.st_mtime_ns))
         return await echo_rollout(request)
 
     with LoopbackServer({"POST /run": change_input_then_answer}) as server:
-        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, num_samples_in_parallel=2))
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, num_samples_in_parallel=8))
     assert result.exit_code == EXIT_ERROR
     assert result.metrics is not None and result.metrics["input_changed"]
-    written = pairs(read_jsonl(tmp_path / "out.jsonl"))
-    assert len(written) == len(set(written)) and all(t < 400 for t, _ in written)
+    written = read_jsonl(tmp_path / "out.jsonl")
+    assert len(pairs(written)) == len(set(pairs(written))) and all(t < 5000 for t, _ in pairs(written))
+    # every rollout is of its row as the check pass saw it; rows read after the change are not sent
+    assert all(r["responses_create_params"] == rows[r["_ng_task_index"]]["responses_create_params"] for r in written)
+    assert len(written) < 5000 and read_jsonl(tmp_path / "out_failures.jsonl") == []
 
 
 async def test_resume_refuses_an_input_edited_anywhere(tmp_path: Path, sim: SimAgent) -> None:
