@@ -48,7 +48,7 @@ from gym_collect.resume import check_materialized, check_resumable, run_key
 from gym_collect.retry import RetryPolicy
 from gym_collect.runner import FAILURE_STOPS_RUN, FailureBudget, Runner
 from gym_collect.shutdown import EXIT_INTERRUPTED, Interrupted, Shutdown
-from gym_collect.writer import DoneSet, OutputPaths, RunOutputs, check_input_file, count_done
+from gym_collect.writer import DoneSet, OutputPaths, RunOutputs, check_input_file, count_done, followed
 from gym_collect.writer.paths import check_output_folder, check_output_paths
 
 log = logging.getLogger(__name__)
@@ -134,6 +134,7 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
     input_path, output_path = cfg.require_paths()
     if cfg.num_shards is not None and cfg.shard_id is not None:
         output_path = shard_output_path(output_path, cfg.num_shards, cfg.shard_id)
+    output_path = followed(output_path)
     paths = OutputPaths(output_path)
     check_input_file(input_path)
     selection = plan_selection(cfg, input_path)

@@ -33,14 +33,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import orjson
 
 from gym_collect.client import AgentClient
 from gym_collect.config import check_url
 from gym_collect.errors import ConfigError, GymCollectError, OutputError
-from gym_collect.manifests import MergeMismatch, ShardPlan, plan_from_manifests
+from gym_collect.manifests import MergeMismatch, ShardPlan, plan_from_manifests, read_manifest
 from gym_collect.metrics import METRICS_SCHEMA
 from gym_collect.nemo.aggregation import AggregationTarget, aggregate_files, targets_from_head
 from gym_collect.nemo.head import fetch_head_document
@@ -50,7 +50,7 @@ from gym_collect.reader import count_rows
 from gym_collect.redact import url_secrets
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
-from gym_collect.writer import OutputPaths, not_a_file
+from gym_collect.writer import OutputLock, OutputPaths, followed, not_a_file
 
 __all__ = ["MergeAggregation", "MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts",
            "plan_from_manifests"]
@@ -279,7 +279,7 @@ def _copy(lines: Iterable[bytes], dst: BinaryIO) -> None:
 
 def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.PathLike[str], *,
                    expected_tasks: range | None = None, num_repeats: int | None = None,
-                   strict: bool = False, use_manifests: bool = True,
+                   strict: bool = False, use_manifests: bool = True, overwrite: bool = False,
                    aggregation: MergeAggregation | None = MergeAggregation()) -> ShardCheck:
     """Check the shards' manifests (``plan_from_manifests``, unless ``use_manifests`` is false) and coverage
     (``check_shards``), then write ``output``, ``<output stem>_failures.jsonl`` (only if any failure counts;
@@ -292,23 +292,64 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     the input (``expected_tasks``, when given, is then the input's rows); otherwise ``expected_tasks`` x
     ``num_repeats``, which default to the manifests' (1 and the tasks seen without manifests). Given values
     that contradict the manifests are refused. Each file is written to a temp file
-    in its folder and moved into place with ``os.replace``; the rows file last. Raises MergeMismatch if the
-    manifests disagree, MergeRefused if the check fails; OutputError if an output path is one of the inputs
-    or cannot be written (temp files are removed); InputError if a shard cannot be read or changes meanwhile.
-    Nothing is written on any error. Aggregation problems are log lines: they never fail the merge. Returns
-    the check.
+    in its folder and moved into place with ``os.replace``; the rows file last.
+
+    The output (a symbolic link's target) is never one of the shards' files or their input, is locked as a
+    run's output is for the whole merge (a run writing it refuses the merge, and the other way round), and an
+    existing one that is not an earlier merge (its metrics list the shards) is replaced only with
+    ``overwrite``. Raises MergeMismatch if the manifests disagree, MergeRefused if the check fails; OutputError
+    if an output path is one of the inputs, is locked, exists without ``overwrite`` or cannot be written (temp
+    files are removed); InputError if a shard cannot be read or changes meanwhile. Nothing is written on any
+    error. Aggregation problems are log lines: they never fail the merge. Returns the check.
     """
-    out = Path(output)
+    out = followed(Path(output))
     merged = OutputPaths(out)
-    targets = (out, merged.failures, merged.metrics, merged.materialized_inputs, merged.aggregate_metrics)
+    targets = (out, merged.failures, merged.metrics, merged.materialized_inputs, merged.aggregate_metrics,
+               merged.lock)
     inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths))
               for q in (s.output, s.failures, s.metrics, s.materialized_inputs)}
+    inputs.update(Path(m["input_path"]).resolve() for p in paths if (m := _manifest_or_none(Path(p)))
+                  and isinstance(m.get("input_path"), str))
     for target in targets:
         if target.resolve() in inputs:
             raise OutputError(f"output {target} would overwrite an input file: choose another --output")
         if (kind := not_a_file(target)) is not None:
             raise OutputError(f"{target} is {kind}, which the merge would replace: move it away or choose "
                               "another --output")
+    with OutputLock(merged.lock, out):
+        if not overwrite and (what := _other_output(merged)) is not None:
+            raise OutputError(f"{out} exists and holds {what}: pass --overwrite to replace it, or choose another "
+                              "--output")
+        return _merge(paths, out, merged, expected_tasks, num_repeats, strict, use_manifests, aggregation)
+
+
+def _manifest_or_none(shard: Path) -> dict[str, Any] | None:
+    try:
+        return read_manifest(shard)
+    except GymCollectError:
+        return None  # reported by the manifest check
+
+
+def _other_output(merged: OutputPaths) -> str | None:
+    """What an existing output holds when it is not an earlier merge's (None: nothing, or an earlier merge)."""
+    try:
+        if merged.output.stat().st_size == 0:
+            return None
+    except FileNotFoundError:
+        return None
+    if merged.manifest.exists():
+        return "a collect_rollouts run's rollouts (it has a run manifest)"
+    try:
+        earlier = orjson.loads(merged.metrics.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return "rows that no earlier merge wrote"
+    return None if isinstance(earlier, dict) and isinstance(earlier.get("shards"), list) else \
+        "rows that no earlier merge wrote"
+
+
+def _merge(paths: Sequence[str | os.PathLike[str]], out: Path, merged: OutputPaths, expected_tasks: range | None,
+           num_repeats: int | None, strict: bool, use_manifests: bool,
+           aggregation: MergeAggregation | None) -> ShardCheck:
     plan = plan_from_manifests(paths) if use_manifests else ShardPlan({}, None, None, 0)
     if plan.num_repeats is not None and num_repeats not in (None, plan.num_repeats):
         raise MergeMismatch(f"--num-repeats {num_repeats} contradicts the shards' manifests "
@@ -405,6 +446,8 @@ def _parser() -> argparse.ArgumentParser:
                     "tasks. Exit 0 merged, 2 refused or failed (nothing written).")
     p.add_argument("shards", nargs="+", type=Path, help="shard output files (.jsonl)")
     p.add_argument("-o", "--output", required=True, type=Path, help="merged output file (.jsonl)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output that is not an earlier merge (a run's rollouts, other rows)")
     p.add_argument("--num-repeats", type=int, default=None,
                    help="rollouts per task (default: from the shards' manifests, else 1)")
     g = p.add_mutually_exclusive_group()
@@ -466,7 +509,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             count_missing_rollouts_as_zero=args.count_missing_rollouts_as_zero,
             timeout_s=args.aggregate_timeout_s or None)
         check = merge_rollouts(shards, args.output, expected_tasks=expected, num_repeats=args.num_repeats,
-                               strict=args.strict, use_manifests=not args.ignore_manifests, aggregation=aggregation)
+                               strict=args.strict, use_manifests=not args.ignore_manifests, overwrite=args.overwrite,
+                               aggregation=aggregation)
     except GymCollectError as exc:
         print(f"merge_rollouts: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -587,3 +587,48 @@ def test_a_broad_glob_leaves_out_the_side_files_of_the_shards_it_names(tmp_path:
     kept = without_side_files([tmp_path / name for name in names])
     # a side file whose shard is not given stays: the merge then says what is wrong with it
     assert [p.name for p in kept] == ["r_shard-00-of-02.jsonl", "r_shard-01-of-02.jsonl", "other_failures.jsonl"]
+
+
+# What -o may replace ---------------------------------------------------------------------------------------
+
+def test_an_existing_output_is_replaced_only_when_it_is_an_earlier_merge_or_with_overwrite(
+        three: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "all.jsonl"
+    assert merge_rollouts(three, out, num_repeats=2).ok
+    assert merge_rollouts(three, out, num_repeats=2).ok  # an earlier merge of shards: merged again
+    run = write_jsonl(tmp_path / "run.jsonl", [row(0, 0)])
+    write_jsonl(tmp_path / "run_run.json", [{"schema": "gym_collect.run/1"}])  # a collect_rollouts run's
+    other = write_jsonl(tmp_path / "other.jsonl", [{"q": 1}])
+    for target, held in ((run, "a collect_rollouts run's rollouts"), (other, "rows that no earlier merge wrote")):
+        before = target.read_bytes()
+        assert main(["-o", str(target), *map(str, three), "--no-aggregation", "--num-repeats", "2"]) == 2
+        assert target.read_bytes() == before
+        with pytest.raises(OutputError, match=f"holds {held}.*--overwrite"):
+            merge_rollouts(three, target, num_repeats=2)
+        assert main(["-o", str(target), *map(str, three), "--no-aggregation", "--num-repeats", "2", "--overwrite"]) == 0
+        assert Counter(ids(target)) == Counter(pairs(range(300)))
+
+
+def test_the_shards_input_and_a_link_to_a_shard_are_never_an_output(three: list[Path], tmp_path: Path) -> None:
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"q": i} for i in range(300)])
+    for n, shard_path in enumerate(sorted(three)):
+        manifest(shard_path, 100 * n, 100 * (n + 1), input={"size": 1, "fingerprint": "ab"})
+        doc = orjson.loads(shard_path.with_name(shard_path.stem + "_run.json").read_bytes())
+        write_jsonl(shard_path.with_name(shard_path.stem + "_run.json"), [{**doc, "input_path": str(source)}])
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(three[0].name)
+    for target in (source, link):
+        before = (source.read_bytes(), three[0].read_bytes())
+        with pytest.raises(OutputError, match="would overwrite an input file"):
+            merge_rollouts(three, target, overwrite=True)
+        assert (source.read_bytes(), three[0].read_bytes()) == before
+
+
+def test_a_run_writing_the_output_refuses_the_merge(three: list[Path], tmp_path: Path) -> None:
+    from gym_collect.writer import OutputLock
+
+    out = tmp_path / "live.jsonl"
+    write_jsonl(out, [row(0, 0)])
+    with OutputLock(OutputPaths(out).lock, out), pytest.raises(OutputError, match="being written by another run"):
+        merge_rollouts(three, out, overwrite=True)
+    assert ids(out) == [(0, 0)]

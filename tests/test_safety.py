@@ -101,20 +101,23 @@ async def test_the_input_reached_through_another_path_is_refused_too(tmp_path: P
 
 # One run owns an output ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("second", ["fresh", "resume=true", "overwrite=true"])
+@pytest.mark.parametrize("second", ["fresh", "resume=true", "overwrite=true", "a link to it, resume=true"])
 def test_a_second_run_on_a_live_output_is_refused_and_nothing_is_duplicated(
     tmp_path: Path, clean_env: dict[str, str], second: str
 ) -> None:
     write_rows(tmp_path / "in.jsonl", make_rows(30))
+    (tmp_path / "alias.jsonl").symlink_to("out.jsonl")
     gate = Gate()
     with LoopbackServer({"POST /run": gate.run}) as server:
         args = ["input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl", f"agent_url={server.url}",
                 "num_samples_in_parallel=4"]
         first = subprocess.Popen([COLLECT, "progress=false", *args], cwd=tmp_path, env=clean_env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        second_args = [*args[:1], "output_jsonl_fpath=alias.jsonl", *args[2:], "resume=true"] if "link" in second \
+            else [*args, *([] if second == "fresh" else [second])]
         try:
             assert gate.arrived.wait(WAIT_S)
-            code, output = cli(tmp_path, clean_env, *args, *([] if second == "fresh" else [second]))
+            code, output = cli(tmp_path, clean_env, *second_args)
         finally:
             gate.release.set()
             first_output, _ = first.communicate(timeout=WAIT_S)

@@ -14,7 +14,7 @@ from gym_collect.writer.done import DoneSet
 from gym_collect.writer.lines import LineFile, read_records, rollout_line
 from gym_collect.writer.lock import OutputLock, OutputLockedError
 from gym_collect.writer.outputs import PriorOutput, RunOutputs, count_done
-from gym_collect.writer.paths import OutputPaths, check_input_file, not_a_file
+from gym_collect.writer.paths import OutputPaths, check_input_file, followed, not_a_file
 from gym_collect.writer.reorder import RolloutWriter
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RunOutputs",
     "check_input_file",
     "count_done",
+    "followed",
     "not_a_file",
     "read_records",
     "replace_atomic",

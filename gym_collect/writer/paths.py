@@ -63,6 +63,12 @@ class OutputPaths:
                 self.manifest, self.status, self.lock)
 
 
+def followed(output: Path) -> Path:
+    """The file an output path stands for: the target of a symbolic link (so that the link and its target
+    share one lock and one set of side files), else the path itself."""
+    return output.resolve() if output.is_symlink() else output
+
+
 def check_input_file(path: Path) -> os.stat_result:
     """Stat the input and insist on a regular file: the run reads it twice (a check pass, then dispatch) and
     resume reads it again, which a FIFO, `/dev/stdin` or a process substitution cannot give.
