@@ -218,7 +218,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             except KeyboardInterrupt as exc:  # a signal outside a job's own handling
                 interrupted, hydra_exit = True, EXIT_INTERRUPTED
                 if not codes and Sweep.current is None:
-                    print(f"{prog}: interrupted ({exc or 'SIGINT'}) before the run started", file=sys.stderr)
+                    print(f"{prog}: interrupted ({str(exc) or 'SIGINT'}) before the run started", file=sys.stderr)
             except Exception as exc:  # composition errors, a launcher that lost a job, an unexpected error
                 if full_error == "1":
                     raise

@@ -103,7 +103,7 @@ def run_collect(cfg: CollectConfig) -> int:
         asyncio.run(main())
     except KeyboardInterrupt as exc:  # includes `Interrupted` (SIGTERM, SIGHUP)
         if result is None:
-            log.error("Interrupted (%s) before the run started; nothing was collected", exc or "SIGINT")
+            log.error("Interrupted (%s) before the run started; nothing was collected", str(exc) or "SIGINT")
             return EXIT_INTERRUPTED
     assert result is not None
     return result.exit_code
@@ -125,8 +125,9 @@ async def collect(cfg: CollectConfig, *, handle_signals: bool = False) -> RunRes
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            log.error("Interrupted by %s during start-up: nothing was sent; the output is as it was",
-                      shutdown.signal_name)
+            output = ("overwrite=true had already removed the earlier output" if shutdown.output_removed
+                      else "the output is as it was")
+            log.error("Interrupted by %s during start-up: nothing was sent; %s", shutdown.signal_name, output)
             return RunResult(EXIT_INTERRUPTED, None)
 
 
@@ -173,8 +174,9 @@ async def _collect(cfg: CollectConfig, shutdown: Shutdown) -> RunResult:
                 done, resume=cfg.resume, overwrite=cfg.overwrite, on_prior_rollout=metrics.add_prior,
                 on_prior_failure=attempts.add,
             )
+            shutdown.output_removed = prior.removed
             await _materialize(outputs, rows, builder, cfg, found, shutdown, check=resuming)
-            outputs.write_manifest({"input_path": str(input_path.resolve()), "definition": definition,
+            outputs.commit({"input_path": str(input_path.resolve()), "definition": definition,
                                     **({"sharding": sharding} if sharding else {})})
             gated = _gated_not_done(attempts, done)
             if resuming:

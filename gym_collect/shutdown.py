@@ -60,6 +60,7 @@ class Shutdown:
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
+        self.output_removed = False  # set by the run once `overwrite` removed an earlier output (for messages)
         self.signal_name: str | None = None
         self.stopping = threading.Event()
         self._phase = "start-up"

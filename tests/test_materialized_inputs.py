@@ -89,12 +89,15 @@ async def test_resume_keeps_the_file_and_an_output_without_a_manifest_is_checked
     # as NeMo Gym leaves an output: no manifest, two rollouts lost
     (tmp_path / "out_run.json").unlink()
     kept = out.read_bytes().splitlines(keepends=True)[:2]
-    out.write_bytes(b"".join(kept))
-    # other settings are refused, and leave the output as it was: no manifest of the refused settings
-    for changed in ({"responses_create_params": {"temperature": 0.5}}, {"num_repeats": 2}):
+    out.write_bytes(b"".join(kept) + b'{"_ng_task_index": 2, "_ng_rol')  # and a line a crash cut short
+    assert (tmp_path / "out_aggregate_metrics.json").exists()
+    files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    # other settings are refused, and change nothing: no manifest of the refused settings, no repair, no removal
+    for changed in ({"responses_create_params": {"temperature": 0.5}}, {"num_repeats": 2},
+                    {"interleave_repeats": True, "num_repeats": 2}):
         with pytest.raises(ConfigError, match=r"resume refused: .*materialized_inputs\.jsonl"):
             await collect(config(inp, out, server.url, limit=4, resume=True, **changed))
-        assert not (tmp_path / "out_run.json").exists() and side.read_bytes() == before
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
     assert (await collect(config(inp, out, server.url, limit=4, resume=True))).exit_code == EXIT_OK
     assert side.read_bytes() == before and sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(4)]
     assert len(agent.bodies) == 6

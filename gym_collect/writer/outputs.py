@@ -3,9 +3,9 @@ append, side files, close, release.
 
     with RunOutputs(paths, reads=[input_path]) as outputs:   # refuses a path the run reads; takes the lock
         recorded = outputs.recorded_definition()              # resume: the manifest, checked by the caller
-        prior = outputs.prepare(done, ...)                    # repair, fill `done`
+        prior = outputs.prepare(done, ...)                    # fill `done` (a resume only reads)
         outputs.write_materialized(...)                       # or, on resume, the caller checks them
-        outputs.write_manifest(manifest)                      # once every check has passed
+        outputs.commit(manifest)                              # once every check has passed: repair, manifest
         writer = outputs.open_writer(...)                     # the rollout and failure lines
         ...
         outputs.write_metrics(doc)
@@ -45,6 +45,7 @@ class PriorOutput:
     rollouts: int = 0
     failure_records: int = 0
     duplicates: int = 0
+    removed: bool = False  # `overwrite` removed an earlier run's files
 
 
 class RunOutputs:
@@ -111,11 +112,11 @@ class RunOutputs:
         """Make the files ready for this run and fill `done` with what the output already holds.
 
         Fresh: refuse an existing non-empty output (`OutputError`) unless `resume` or `overwrite`.
-        Fresh or overwrite: remove every file of the run (but the lock). Resume: cut torn last lines, mark each
-        written pair in `done` (a pair written twice or outside the selection is counted in `duplicates` and
-        left alone), hand every failure record to `on_prior_failure` (the failures file is history: it is only
-        appended to), and remove an aggregate-metrics file that no longer describes the output. The manifest
-        is left for `write_manifest`, once the caller's checks have passed: a refused resume changes nothing.
+        Fresh or overwrite: remove every file of the run (but the lock). Resume, reading only: mark each written
+        pair in `done` (a pair written twice or outside the selection is counted in `duplicates` and left
+        alone; a torn last line is passed over) and hand every failure record to `on_prior_failure` (the
+        failures file is history: it is only appended to). What a resume changes waits for `commit`, once the
+        caller's checks have passed: a refused resume changes nothing.
         """
         prior = PriorOutput()
         self._check_side_files_are_its_own()
@@ -127,26 +128,28 @@ class RunOutputs:
             )
         if overwrite or not existing:  # a fresh start inherits no attempts, inputs or metrics
             for p in self.paths.written:
-                if p != self.paths.lock:
-                    p.unlink(missing_ok=True)
+                if p != self.paths.lock and p.exists():
+                    p.unlink()
+                    prior.removed = bool(existing)
         else:
-            repair_torn_tail(self.paths.output)
-            for line_no, record in read_records(self.paths.output):
+            for line_no, record in read_records(self.paths.output, skip_torn_tail=True):
                 if done.add(*record_pair(record, self.paths.output, line_no)):
                     prior.rollouts += 1
                     on_prior_rollout(record)
                 else:
                     prior.duplicates += 1
-            if self.paths.failures.exists():
-                repair_torn_tail(self.paths.failures)
-                for line_no, record in read_records(self.paths.failures):
-                    on_prior_failure(record_pair(record, self.paths.failures, line_no), record)
-                    prior.failure_records += 1
-            self.paths.aggregate_metrics.unlink(missing_ok=True)
+            for line_no, record in read_records(self.paths.failures, skip_torn_tail=True):
+                on_prior_failure(record_pair(record, self.paths.failures, line_no), record)
+                prior.failure_records += 1
         return prior
 
-    def write_manifest(self, manifest: dict[str, Any]) -> None:
-        """Replace `<stem>_run.json` with `manifest` (plus the schema and the output's name), atomically."""
+    def commit(self, manifest: dict[str, Any]) -> None:
+        """Once the caller's checks have passed: cut the torn last lines a crash left (appends follow), remove an
+        aggregate-metrics file that no longer describes the output, and replace `<stem>_run.json` with `manifest`
+        (plus the schema and the output's name), atomically."""
+        for path in (self.paths.output, self.paths.failures):
+            repair_torn_tail(path)
+        self.paths.aggregate_metrics.unlink(missing_ok=True)
         write_json_atomic(self.paths.manifest, {"schema": MANIFEST_SCHEMA, "output_name": self.paths.output.name,
                                                 **manifest})
 
