@@ -603,3 +603,22 @@ async def test_an_empty_shard_is_not_an_error(tmp_path: Path, sim: SimAgent) -> 
     assert result.exit_code == EXIT_OK
     with pytest.raises(InputError, match="none in the selection"):
         await collect(config(inp, tmp_path / "b.jsonl", sim.url, start_idx=2))
+
+
+async def test_a_status_file_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(20))
+    status = tmp_path / "out_status.json"
+
+    async def block_the_status_file_then_answer(request: web.Request) -> web.Response:
+        if not status.is_dir():
+            status.unlink(missing_ok=True)
+            status.mkdir()  # a directory where the status file goes: every later write fails
+        return await echo_rollout(request)
+
+    with LoopbackServer({"POST /run": block_the_status_file_then_answer}) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, status_every_s=0.01))
+    assert result.exit_code == EXIT_OK
+    assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(20)]
+    warnings = [r for r in caplog.records if "out_status.json" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"

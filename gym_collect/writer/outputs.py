@@ -65,6 +65,7 @@ class RunOutputs:
         check_output_folder(paths)
         self._lock = OutputLock(paths.lock, paths.output)
         self._files: list[LineFile] = []
+        self._status_failed = False  # warned once until a write succeeds again
 
     def __enter__(self) -> RunOutputs:
         self._lock.__enter__()
@@ -193,8 +194,17 @@ class RunOutputs:
         return RolloutWriter(rollouts, failures, ordered=ordered, window=window)
 
     def write_status(self, status: dict[str, Any]) -> None:
-        """Replace `<stem>_status.json` (live progress; not fsynced, it is rewritten every few seconds)."""
-        replace_atomic(self.paths.status, orjson.dumps(status, option=orjson.OPT_INDENT_2), durable=False)
+        """Replace `<stem>_status.json` (live progress; not fsynced, it is rewritten every few seconds). A status
+        file that cannot be written (a full disk, a directory in its place) is one warning, not the end of the
+        run: the rollouts file's own write errors are what stop it."""
+        try:
+            replace_atomic(self.paths.status, orjson.dumps(status, option=orjson.OPT_INDENT_2), durable=False)
+        except OutputError as exc:
+            if not self._status_failed:
+                log.warning("%s; live progress is not written there until it can be", exc)
+            self._status_failed = True
+        else:
+            self._status_failed = False
 
     def write_metrics(self, metrics: dict[str, Any]) -> None:
         """Replace `<stem>_metrics.json` durably."""
