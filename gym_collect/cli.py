@@ -42,7 +42,7 @@ from gym_collect.overrides import (
     normalize_overrides,
 )
 from gym_collect.redact import REDACTED, userinfo_span
-from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers
+from gym_collect.shutdown import EXIT_INTERRUPTED, install_process_handlers, note_signal, received_earlier
 from gym_collect.sweep import Sweep
 
 __all__ = ["CONFIG_NAME", "dry_run_overrides", "hydra_command", "main", "normalize_overrides", "to_config"]
@@ -181,11 +181,16 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
 
     def task(cfg: DictConfig) -> int:
         redact_saved_config(cfg)
-        try:
-            code = job(to_config(cfg))
-        except GymCollectError as exc:
-            log.error("%s", exc)
-            code = exc.exit_code
+        if (earlier := received_earlier()) is not None:  # one Ctrl-C stops a whole sweep, not just its job
+            log.error("Not started: %s interrupted an earlier job of this sweep; rerun the command with resume=true",
+                      earlier)
+            code = EXIT_INTERRUPTED
+        else:
+            try:
+                code = job(to_config(cfg))
+            except GymCollectError as exc:
+                log.error("%s", exc)
+                code = exc.exit_code
         codes.append(code)
         return code  # Hydra's JobReturn.return_value: what a sweeper sees
 
@@ -216,6 +221,7 @@ def hydra_command(prog: str, job: Callable[[CollectConfig], int]) -> Callable[[]
             except SystemExit as exc:  # Hydra's own exits (--help: 0)
                 hydra_exit = exc.code if isinstance(exc.code, int) else 1
             except KeyboardInterrupt as exc:  # a signal outside a job's own handling
+                note_signal(str(exc) or "SIGINT")
                 interrupted, hydra_exit = True, EXIT_INTERRUPTED
                 if not codes and Sweep.current is None:
                     print(f"{prog}: interrupted ({str(exc) or 'SIGINT'}) before the run started", file=sys.stderr)

@@ -47,7 +47,7 @@ from gym_collect.redact import display_url, url_secrets
 from gym_collect.resume import check_materialized, check_resumable, run_key
 from gym_collect.retry import RetryPolicy
 from gym_collect.runner import FAILURE_STOPS_RUN, FailureBudget, Runner
-from gym_collect.shutdown import EXIT_INTERRUPTED, Interrupted, Shutdown
+from gym_collect.shutdown import EXIT_INTERRUPTED, Interrupted, Shutdown, note_signal
 from gym_collect.writer import DoneSet, OutputPaths, RunOutputs, check_input_file, count_done, followed
 from gym_collect.writer.paths import check_output_folder, check_output_paths
 
@@ -102,6 +102,7 @@ def run_collect(cfg: CollectConfig) -> int:
     try:
         asyncio.run(main())
     except KeyboardInterrupt as exc:  # includes `Interrupted` (SIGTERM, SIGHUP)
+        note_signal(str(exc) or "SIGINT")
         if result is None:
             log.error("Interrupted (%s) before the run started; nothing was collected", str(exc) or "SIGINT")
             return EXIT_INTERRUPTED

@@ -38,12 +38,27 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGHUP arrived outside a run's own handling (treated like Ctrl-C)."""
 
 
+_received: list[str] = []  # the signals this process received, for jobs that run after an interrupted one
+
+
+def received_earlier() -> str | None:
+    """The first signal this process received (a sweep's earlier job was interrupted by it), or None: the jobs a
+    launcher runs one after another in this process do not start after it."""
+    return _received[0] if _received else None
+
+
+def note_signal(name: str) -> None:
+    """Record a signal the process received (see `received_earlier`)."""
+    _received.append(name)
+
+
 def install_process_handlers() -> None:
     """Make SIGTERM and SIGHUP raise `Interrupted` in the main thread (no-op outside it)."""
     if threading.current_thread() is not threading.main_thread():
         return
 
     def raise_interrupted(signum: int, frame: FrameType | None) -> None:
+        note_signal(signal.Signals(signum).name)
         raise Interrupted(signal.Signals(signum).name)
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -110,6 +125,7 @@ class Shutdown:
 
     def _on_signal(self, sig: signal.Signals) -> None:
         name = sig.name
+        note_signal(name)
         if self.signal_name is not None and self._phase != "finishing":
             log.warning("Second signal (%s): exiting now; every line written is whole, resume=true finishes the run",
                         name)

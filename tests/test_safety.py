@@ -622,3 +622,25 @@ async def test_a_status_file_that_cannot_be_written_is_a_warning_not_the_end_of_
     assert sorted(pairs(read_jsonl(tmp_path / "out.jsonl"))) == [(t, 0) for t in range(20)]
     warnings = [r for r in caplog.records if "out_status.json" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
+def test_one_ctrl_c_stops_a_whole_sweep_not_just_its_running_job(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(30))
+    gate = Gate()
+    with LoopbackServer({"POST /run": gate.run}) as server:
+        proc = subprocess.Popen(
+            [COLLECT, "-m", "progress=false", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+             f"agent_url={server.url}", "num_shards=3", "shard_id=range(3)", "num_samples_in_parallel=2"],
+            cwd=tmp_path, env=clean_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            assert gate.arrived.wait(WAIT_S)
+            proc.send_signal(signal.SIGINT)
+        finally:
+            gate.release.set()
+            output, _ = proc.communicate(timeout=WAIT_S)
+        asked = server.requests["POST /run"]
+    text = output.decode()
+    assert proc.returncode == EXIT_INTERRUPTED, text
+    assert text.count("Not started: SIGINT interrupted an earlier job of this sweep") == 2, text
+    assert asked <= 10  # the first shard's rows only: the other two never started
+    assert not (tmp_path / "out_shard-1-of-3.jsonl").exists() and not (tmp_path / "out_shard-2-of-3.jsonl").exists()
