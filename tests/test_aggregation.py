@@ -441,3 +441,33 @@ def test_a_spooled_answer_is_checked_in_one_streaming_pass(answer: bytes, proble
             assert (found["agent_metrics"], found["repeat_level_metrics"]) == ({}, [])
         else:
             assert isinstance(found, str) and found.startswith(problem)
+
+
+async def test_a_stopped_aggregation_waits_for_its_worker_before_its_files_go(tmp_path: Path) -> None:
+    import itertools
+    import threading
+
+    from gym_collect.nemo.metric_inputs import Stopped, watched
+
+    started, ended, stop = threading.Event(), threading.Event(), threading.Event()
+    written = tmp_path / "spool.jsonl"  # stands for the spool files in the folder the caller then removes
+
+    def work() -> None:
+        started.set()
+        try:
+            with written.open("ab") as f:
+                for n in watched(itertools.count(), stop, every=1):
+                    f.write(b"%d\n" % n)
+                    stop.wait(0.001)
+        finally:
+            ended.set()
+
+    task = asyncio.ensure_future(aggregation._in_worker(work, stop))
+    assert await asyncio.to_thread(started.wait, 10)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stop.is_set() and ended.is_set()  # the worker had ended when the cancellation went on
+    assert written.stat().st_size > 0
+    with pytest.raises(Stopped):
+        list(watched(range(3), stop))

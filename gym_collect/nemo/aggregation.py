@@ -16,12 +16,13 @@ import asyncio
 import logging
 import re
 import tempfile
+import threading
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import aiohttp
 import ijson
@@ -30,13 +31,21 @@ import orjson
 from gym_collect.errors import ConfigError
 from gym_collect.nemo.default_metrics import default_aggregate_metrics
 from gym_collect.nemo.head import AGENT_TYPE, ENVIRONMENT_TYPE, HeadDocument
-from gym_collect.nemo.metric_inputs import DEFAULT_SORT_BUFFER_BYTES, Grouper, GroupRows, MetricInputs, MetricSources
+from gym_collect.nemo.metric_inputs import (
+    DEFAULT_SORT_BUFFER_BYTES,
+    Grouper,
+    GroupRows,
+    MetricInputs,
+    MetricSources,
+    watched,
+)
 from gym_collect.nemo.routing import AGENT_REF_KEY, ENVIRONMENT_SERVER_KEY, Route
 from gym_collect.redact import display_url
 from gym_collect.spooled import StreamedList
 from gym_collect.writer import OutputPaths, replace_atomic
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ENDPOINT = "/aggregate_metrics"
 BODY_CHUNK_BYTES = 1 << 18  # rows read from the spool file per chunk of the streamed request body
@@ -181,9 +190,10 @@ async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSourc
                      failure_classes: Sequence[str], count_missing: bool, timeout_s: float | None,
                      redact: Callable[[str], str], sort_buffer_bytes: int) -> list[dict[str, Any]] | None:
     log.info("Computing aggregate metrics")
+    stop = threading.Event()
     with MetricInputs(sources, grouper, failure_classes=failure_classes, count_missing=count_missing,
                       sort_buffer_bytes=sort_buffer_bytes) as inputs:
-        groups = await asyncio.to_thread(inputs.build)
+        groups = await _in_worker(partial(inputs.build, stop), stop)
         if failure_classes:
             log.info("Counting %d failure row(s) as scored zeros: %s", inputs.counted_failures, list(failure_classes))
         if count_missing:
@@ -201,13 +211,13 @@ async def _aggregate(session: aiohttp.ClientSession | None, sources: MetricSourc
             log.info("No server to ask: %s holds %s", destination.name, LOCAL_NOTE)
         async with asyncio.TaskGroup() as tasks:
             running = [tasks.create_task(_group_entry(session, groups[name], targets[name], labels[name],
-                                                      timeout_s, redact))
+                                                      timeout_s, redact, stop))
                        for name in sorted(groups)]
     entries = [entry for task in running if (entry := task.result()) is not None]
     try:
         if not entries:
             return None
-        await asyncio.to_thread(replace_atomic, destination, _file_chunks(entries))
+        await _in_worker(partial(replace_atomic, destination, _file_chunks(entries)), stop)
     finally:
         for entry in entries:
             for value in entry.values():
@@ -259,12 +269,28 @@ def _indented(value: Any, level: int) -> bytes:
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n" + b"  " * level)
 
 
+async def _in_worker(work: Callable[[], T], stop: threading.Event) -> T:
+    """`work()` in a worker thread. Cancelled (a signal stops the aggregation), it sets `stop`, which the long
+    work watches (`watched`), and waits for the thread to end before the cancellation goes on: no worker is
+    left writing into the temporary folder its caller then removes."""
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: a worker stopped half-way is no error to report
+        raise
+
+
 class _Unanswered(Exception):
     """The server gave no usable `AggregateMetrics`; the message says what happened."""
 
 
 async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, target: AggregationTarget | None,
-                       label: str, timeout_s: float | None, redact: Callable[[str], str]) -> dict[str, Any] | None:
+                       label: str, timeout_s: float | None, redact: Callable[[str], str],
+                       stop: threading.Event) -> dict[str, Any] | None:
     """The group's entry: the server's answer, else the local default (after one warning); None when even that
     fails (one error line)."""
     known = target.is_environment_server if target is not None else None
@@ -279,7 +305,8 @@ async def _group_entry(session: aiohttp.ClientSession | None, group: GroupRows, 
             except _Unanswered as exc:
                 log.warning("%s", redact(f"{shown}: POST {ENDPOINT} {exc}; the entry of {label} is {LOCAL_NOTE}"))
     try:
-        document = await asyncio.to_thread(partial(default_aggregate_metrics, group.rows(), spool_groups=True))
+        document = await _in_worker(partial(default_aggregate_metrics, watched(group.rows(), stop),
+                                            spool_groups=True), stop)
         if (problem := _shape_problem(document)) is not None:
             raise ValueError(problem)
     except Exception as exc:  # a bad row must not cost the other groups their entries

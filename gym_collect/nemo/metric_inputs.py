@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import orjson
 
@@ -38,6 +39,7 @@ from gym_collect.nemo.rows import RESPONSES_CREATE_PARAMS_KEY, ROLLOUT_INDEX_KEY
 from gym_collect.writer.lines import exact_copy, read_records
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FAILURE_CLASS_KEY = "_ng_failure_class"
 # Heavy fields a verify response is sent without (`rollout_collection.py:3016-3028`).
@@ -180,29 +182,31 @@ class MetricInputs:
             self._tmp.cleanup()
             self._tmp = None
 
-    def build(self) -> dict[str, GroupRows]:
-        """Read, strip, sort and spool every row; the groups that got at least one row, by name."""
+    def build(self, stop: threading.Event | None = None) -> dict[str, GroupRows]:
+        """Read, strip, sort and spool every row; the groups that got at least one row, by name. Raises `Stopped`
+        soon after `stop` is set."""
         assert self._tmp is not None, "use MetricInputs as a context manager"
         self._folder = Path(self._tmp.name)
+        stop = stop or threading.Event()
         with ExternalSorter[_Item](_pair_source, max_buffer=self.sort_buffer_bytes, size=_item_size,
                                    folder=self._folder) as sorter:
             for path in self.sources.outputs:
-                for _, row in read_records(path, skip_torn_tail=True):
+                for _, row in watched(read_records(path, skip_torn_tail=True), stop):
                     number = self._group_number(row, carried=True)
                     sorter.add((*_pair(row), ROLLOUT, number, exact_copy(orjson.dumps(verify_response(row)))))
             if self.failure_classes or self.count_missing:
                 for path in self.sources.failures:
-                    for _, record in read_records(path, skip_torn_tail=True):
+                    for _, record in watched(read_records(path, skip_torn_tail=True), stop):
                         sorter.add((*_pair(record), FAILURE, self._group_number(record), self._failure(record)))
                 for path in self.sources.materialized:
                     if not path.exists():
                         if self.count_missing:
                             log.warning("%s is missing; rollouts owed by it cannot be counted as zeros", path)
                         continue
-                    for _, row in read_records(path, skip_torn_tail=True):
+                    for _, row in watched(read_records(path, skip_torn_tail=True), stop):
                         number = self._group_number(row)
                         sorter.add((*_pair(row), MATERIALIZED, number, self._task_fields(row, number)))
-            self._spool(sorter.sorted())
+            self._spool(watched(sorter.sorted(), stop))
             self.spilled_runs = sorter.spilled_runs
         return {group.name: group for group in self._groups if group.count}
 
@@ -294,6 +298,18 @@ class MetricInputs:
         finally:
             for f in files.values():
                 f.close()
+
+
+class Stopped(Exception):
+    """The work was asked to stop (`watched`)."""
+
+
+def watched(items: Iterable[T], stop: threading.Event, every: int = 1024) -> Iterator[T]:
+    """`items`, raising `Stopped` at the first look at `stop` after it is set (one look every `every` items)."""
+    for n, item in enumerate(items):
+        if n % every == 0 and stop.is_set():
+            raise Stopped("stopped")
+        yield item
 
 
 def _index(value: object) -> int:
