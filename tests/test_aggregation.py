@@ -468,6 +468,5 @@ async def test_a_stopped_aggregation_waits_for_its_worker_before_its_files_go(tm
     with pytest.raises(asyncio.CancelledError):
         await task
     assert stop.is_set() and ended.is_set()  # the worker had ended when the cancellation went on
-    assert written.stat().st_size > 0
     with pytest.raises(Stopped):
         list(watched(range(3), stop))

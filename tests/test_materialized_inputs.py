@@ -80,6 +80,11 @@ async def test_bad_rows_and_a_dry_run_add_nothing(tmp_path: Path, server: Loopba
     assert pairs(materialized(out)) == [(0, 0), (2, 0)]
 
 
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file in `folder`, by name."""
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
 async def test_resume_keeps_the_file_and_an_output_without_a_manifest_is_checked_against_it(
         tmp_path: Path, agent: RecordingAgent, server: LoopbackServer) -> None:
     inp, out = write_rows(tmp_path / "in.jsonl", make_rows(4)), tmp_path / "out.jsonl"
@@ -91,13 +96,13 @@ async def test_resume_keeps_the_file_and_an_output_without_a_manifest_is_checked
     kept = out.read_bytes().splitlines(keepends=True)[:2]
     out.write_bytes(b"".join(kept) + b'{"_ng_task_index": 2, "_ng_rol')  # and a line a crash cut short
     assert (tmp_path / "out_aggregate_metrics.json").exists()
-    files = {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()}
+    files = contents(tmp_path)
     # other settings are refused, and change nothing: no manifest of the refused settings, no repair, no removal
     for changed in ({"responses_create_params": {"temperature": 0.5}}, {"num_repeats": 2},
                     {"interleave_repeats": True, "num_repeats": 2}):
         with pytest.raises(ConfigError, match=r"resume refused: .*materialized_inputs\.jsonl"):
             await collect(config(inp, out, server.url, limit=4, resume=True, **changed))
-        assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == files
+        assert contents(tmp_path) == files
     assert (await collect(config(inp, out, server.url, limit=4, resume=True))).exit_code == EXIT_OK
     assert side.read_bytes() == before and sorted(pairs(read_jsonl(out))) == [(t, 0) for t in range(4)]
     assert len(agent.bodies) == 6
