@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import itertools
 import logging
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from gym_collect.collect import collect
 from gym_collect.config import CollectConfig
 from gym_collect.errors import GymCollectError
 from gym_collect.reader import count_rows
+from gym_collect.redact import REDACTED
 from gym_collect.writer import write_json_atomic
 
 log = logging.getLogger("gym_collect.tune")
@@ -56,6 +58,7 @@ class TuneReport:
     stop_reason: str
     next_start_idx: int
     validation: Step | None = None
+    input_end: int | None = None  # the row index the input (or end_idx) ends at
 
 
 def next_level(steps: Sequence[Step], min_gain: float, max_error_rate: float) -> str | None:
@@ -92,7 +95,8 @@ async def sweep(cfg: CollectConfig) -> TuneReport:
     folder = output.with_name(output.stem + "_tune")
     tune, steps = cfg.tune, list[Step]()
     level, offset, reason = tune.start, cfg.start_idx, "reached tune.max_level"
-    total = count_rows(cfg.require_paths()[0]) if cfg.end_idx is None else cfg.end_idx
+    total = count_rows(cfg.require_paths()[0])
+    total = total if cfg.end_idx is None else min(total, cfg.end_idx)
     while level <= tune.max_level:
         if offset >= total:
             reason = "the input ran out of rows"
@@ -117,7 +121,7 @@ async def sweep(cfg: CollectConfig) -> TuneReport:
     for step in steps:
         step.knee = step.parallelism == knee
     recommended = max(1, round(tune.recommend_fraction * knee))
-    report = TuneReport(steps, knee, recommended, reason, offset)
+    report = TuneReport(steps, knee, recommended, reason, offset, input_end=total)
     if tune.validate_rows and offset < total:
         report.validation = await _run_step(cfg, folder / f"validate-p{recommended}.jsonl", recommended, offset,
                                             tune.validate_rows)
@@ -159,8 +163,10 @@ def write_report(report: TuneReport, output: Path) -> list[Path]:
     return [*written, base.with_suffix(".png")]
 
 
-def format_report(report: TuneReport, command: str) -> str:
-    """The table (parallelism, rollouts/s, p50, p99, error rate, knee) and the recommended command line."""
+def format_report(report: TuneReport, args: Sequence[str]) -> str:
+    """The table (parallelism, rollouts/s, p50, p99, error rate, knee) and the command line that collects the
+    rest of the input at the recommended parallelism: `args` (the user's, secrets shown as `<redacted>`),
+    quoted for a POSIX shell; or, when the sweep used every row, a line saying so."""
     lines = [f"{'parallelism':>11}  {'rollouts/s':>10}  {'p50 s':>8}  {'p99 s':>8}  {'errors':>7}",
              *(f"{s.parallelism:>11}  {s.rollouts_per_s:>10.2f}  {s.p50_s:>8.3f}  {s.p99_s:>8.3f}  "
                f"{s.error_rate:>7.1%}{'  <- knee' if s.knee else ''}" for s in report.steps)]
@@ -170,7 +176,15 @@ def format_report(report: TuneReport, command: str) -> str:
         v = report.validation
         lines.append(f"Validation at {v.parallelism}: {v.rollouts_per_s:.2f} rollouts/s, p99 {v.p99_s:.3f} s, "
                      f"{v.error_rate:.1%} errors over {v.rows} rows.")
-    lines.append(f"Next: {command} num_samples_in_parallel={report.recommended} start_idx={report.next_start_idx}")
+    if report.input_end is not None and report.next_start_idx >= report.input_end:
+        lines.append(f"Next: nothing is left: the sweep collected every row up to {report.input_end}; use "
+                     f"num_samples_in_parallel={report.recommended} for the next input")
+        return "\n".join(lines)
+    command = ["collect_rollouts", *args, f"num_samples_in_parallel={report.recommended}",
+               f"start_idx={report.next_start_idx}"]
+    lines.append(f"Next: {shlex.join(command)}")
+    if any(REDACTED in arg for arg in args):
+        lines.append(f"(secrets are shown as {REDACTED}: give them as you did here)")
     return "\n".join(lines)
 
 
@@ -178,8 +192,7 @@ def _tune_job(cfg: CollectConfig) -> int:
     report = asyncio.run(sweep(cfg))
     paths = write_report(report, cfg.require_paths()[1])
     skip = ("tune.", "num_samples_in_parallel", "start_idx", "hydra.job.name")
-    command = " ".join(["collect_rollouts", *(a for a in COMMAND_ARGS if not a.lstrip("+").startswith(skip))])
-    print(format_report(report, command))
+    print(format_report(report, [a for a in COMMAND_ARGS if not a.lstrip("+").startswith(skip)]))
     print("Wrote " + ", ".join(str(p) for p in paths))
     return 0
 

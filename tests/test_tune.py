@@ -9,6 +9,7 @@ from pathlib import Path
 import orjson
 
 from gym_collect.config import SimSettings, TuneConfig
+from gym_collect.sim_agent import SimAgentConfig, SimAgentThread
 from gym_collect.tune import Step, choose_knee, next_level, sweep
 from tests.conftest import config, make_rows, read_jsonl, write_rows
 
@@ -65,6 +66,25 @@ def test_an_input_that_runs_out_ends_the_sweep_with_the_steps_it_has(tmp_path: P
         cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "Stopped: the input ran out of rows" in proc.stdout and "Validation" not in proc.stdout
-    next_line = next(line for line in proc.stdout.splitlines() if line.startswith("Next: "))
-    assert next_line.startswith("Next: collect_rollouts +input_jsonl_fpath=in.jsonl") and "hydra." not in next_line
+    assert "Next: nothing is left: the sweep collected every row up to 60" in proc.stdout
     assert orjson.loads((tmp_path / "out_tune.json").read_bytes())["next_start_idx"] == 60
+
+
+def test_the_next_command_runs_as_printed_in_a_shell(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(300))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.001)) as sim:
+        env = {**clean_env, "OCTOK": "from-the-environment"}
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "tune_parallelism"), "+input_jsonl_fpath=in.jsonl",
+             "+output_jsonl_fpath=out.jsonl", "+agent_name=sim_agent", f"agent_url={sim.url}",
+             "+headers.X-Oc=${oc.env:OCTOK}", "tune.start=4", "tune.max_level=8", "tune.rows_per_step=40",
+             "disable_aggregation=true"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        next_line = next(line for line in proc.stdout.splitlines() if line.startswith("Next: "))
+        command = next_line.removeprefix("Next: ").replace("=out.jsonl", "=rest.jsonl")
+        rest = subprocess.run(["bash", "-c", f"PATH={Path(sys.executable).parent}:$PATH {command} progress=false"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert rest.returncode == 0, rest.stderr + rest.stdout
+    start = orjson.loads((tmp_path / "out_tune.json").read_bytes())["next_start_idx"]
+    assert sorted(r["_ng_task_index"] for r in read_jsonl(tmp_path / "rest.jsonl")) == list(range(start, 300))
