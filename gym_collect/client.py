@@ -171,15 +171,22 @@ class AgentClient:
         return _Slots(self._slots, host)
 
     async def get_json(self, url: str, timeout_s: float) -> Any:
-        """`GET url` and parse its JSON; raises `AgentUnavailableError` on any failure (start-up use)."""
+        """`GET url` and parse its JSON; raises `AgentUnavailableError` on any failure (start-up use), with the
+        status the server answered (200 for a body that is not JSON) or None when no answer came."""
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
                 if resp.status != 200:
-                    raise AgentUnavailableError(f"GET {display_url(url)} answered HTTP {resp.status}")
-                return orjson.loads(await resp.read())
-        except (TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError) as exc:
+                    raise AgentUnavailableError(f"GET {display_url(url)} answered HTTP {resp.status}",
+                                                status=resp.status)
+                payload = await resp.read()
+        except (TimeoutError, aiohttp.ClientError) as exc:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
             raise AgentUnavailableError(self._message(f"GET {display_url(url)} failed: {reason}")) from exc
+        try:
+            return orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise AgentUnavailableError(f"GET {display_url(url)} answered something that is not JSON",
+                                        status=200) from exc
 
     async def probe(self, base_url: str, attempts: int = 3) -> None:
         """Check that a TCP connection to `base_url` opens, trying `attempts` times with a short pause.

@@ -36,7 +36,15 @@ class OutputError(GymCollectError):
 
 
 class AgentUnavailableError(GymCollectError):
-    """An agent server or the head server did not answer at start-up."""
+    """An agent server or the head server did not answer at start-up, or answered what it should not.
+
+    `status`: the HTTP status it answered (200 for a body that is not what was asked for), None when no
+    answer came (refused, reset, timed out).
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class RolloutError(GymCollectError):

@@ -241,7 +241,8 @@ async def _aggregate_union(check: ShardCheck, out: Path, how: MergeAggregation) 
         else:
             assert how.head_server_url is not None
             try:
-                head = await fetch_head_document(client, how.head_server_url, how.connect_timeout_s)
+                head = await fetch_head_document(client, how.head_server_url, how.connect_timeout_s,
+                                                 instead="pass the right --head-server-url, or --agent-url URL")
             except GymCollectError as exc:
                 log.warning("%s; every group is aggregated locally", client.redact(str(exc)))
                 await locally()

@@ -526,6 +526,24 @@ def test_a_head_server_that_never_answers_fails_within_the_connect_timeout(tmp_p
     assert "did not answer within 1 s" in one_error_line(output)
 
 
+@pytest.mark.parametrize("answer", ["404", "500", "html"])
+def test_a_server_that_is_not_a_head_server_is_named_at_once(tmp_path: Path, clean_env: dict[str, str],
+                                                            answer: str) -> None:
+    async def wrong(request: web.Request) -> web.Response:
+        if answer == "html":
+            return web.Response(text="<html>a dashboard</html>", content_type="text/html")
+        return web.Response(status=int(answer), text="no")
+
+    write_rows(tmp_path / "in.jsonl", make_rows(2))
+    with LoopbackServer({"GET /global_config_dict_yaml": wrong}) as server:
+        code, output = cli(tmp_path, clean_env, "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=out.jsonl",
+                           "agent_name=my_agent", f"head_server_url={server.url}", "connect_timeout_s=30")
+        asked = server.requests["GET /global_config_dict_yaml"]
+    assert code == EXIT_ERROR and asked == 1  # asked once: it answered, so waiting would not help
+    line = one_error_line(output)
+    assert f"{server.url} is not a NeMo Gym head server" in line and "head_server_url=URL" in line
+
+
 @pytest.mark.parametrize("source", ["fifo", "/dev/stdin"])
 def test_an_input_that_is_not_a_regular_file_is_refused_at_start(tmp_path: Path, clean_env: dict[str, str],
                                                                  source: str) -> None:

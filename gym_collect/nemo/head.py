@@ -31,6 +31,9 @@ RESOURCES_TYPE = "resources_servers"
 AGENT_SERVER_FIELD = "agent_server"
 HEAD_SERVER_DEADLINE_S = 10.0  # when connect_timeout_s is null
 HEAD_SERVER_RETRY_PAUSE_S = 0.5
+NOT_READY_STATUSES = (502, 503, 504)  # a head server starting up, or a proxy in front of one
+COLLECT_INSTEAD = ("pass the right head_server_url=URL, or give the agent's address with agent_url=URL or "
+                   "agents.NAME=URL")
 
 
 @dataclass(frozen=True)
@@ -161,9 +164,13 @@ def agent_names(environment_config: Mapping[str, Any]) -> list[str]:
     ]
 
 
-async def fetch_head_document(client: AgentClient, head_server_url: str, deadline_s: float | None) -> HeadDocument:
-    """GET the head server's document, retrying refused connections until `deadline_s` (default
-    `HEAD_SERVER_DEADLINE_S`); raises `AgentUnavailableError` when it has not answered a document by then."""
+async def fetch_head_document(client: AgentClient, head_server_url: str, deadline_s: float | None, *,
+                              instead: str = COLLECT_INSTEAD) -> HeadDocument:
+    """GET the head server's document, retrying while nothing answers, or a 502/503/504 does (a head server
+    answers 503 until it is ready), until `deadline_s` (default `HEAD_SERVER_DEADLINE_S`). Raises
+    `AgentUnavailableError` at once when something answered what a head server does not (a 404, a page that is
+    not its document), else when no document came by the deadline; the message ends with `instead` (what to
+    pass in its place, in the words of the command)."""
     deadline_s = deadline_s or HEAD_SERVER_DEADLINE_S
     url = head_server_url.rstrip("/") + "/global_config_dict_yaml"
     shown = display_url(head_server_url)
@@ -174,10 +181,11 @@ async def fetch_head_document(client: AgentClient, head_server_url: str, deadlin
             text = await client.get_json(url, max(0.1, deadline - loop.time()))
             break
         except AgentUnavailableError as exc:
+            if exc.status is not None and exc.status not in NOT_READY_STATUSES:
+                raise AgentUnavailableError(f"{shown} is not a NeMo Gym head server ({exc}); {instead}") from None
             if loop.time() + HEAD_SERVER_RETRY_PAUSE_S >= deadline:
                 raise AgentUnavailableError(
-                    f"head server at {shown} did not answer within {deadline_s:g} s ({exc}); start it, pass "
-                    "head_server_url=URL, or give the agent's address with agent_url=URL or agents.NAME=URL"
+                    f"head server at {shown} did not answer within {deadline_s:g} s ({exc}); start it, or {instead}"
                 ) from None
             await asyncio.sleep(HEAD_SERVER_RETRY_PAUSE_S)
     try:
@@ -185,6 +193,6 @@ async def fetch_head_document(client: AgentClient, head_server_url: str, deadlin
     except yaml.YAMLError:
         document = None
     if not isinstance(document, Mapping):
-        raise AgentUnavailableError(f"head server at {shown} answered something that is not a NeMo Gym config "
-                                    "document")
+        raise AgentUnavailableError(f"{shown} is not a NeMo Gym head server (it answered something that is not a "
+                                    f"NeMo Gym config document); {instead}")
     return HeadDocument(document, head_server_url)
