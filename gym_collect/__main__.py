@@ -1,3 +1,3 @@
-from gym_collect.cli import main
+from gym_collect.entry import collect_rollouts
 
-main()
+collect_rollouts()

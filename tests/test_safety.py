@@ -318,6 +318,20 @@ async def test_waiting_for_a_pooled_connection_is_not_counted_as_a_timeout(tmp_p
 # Signals in every phase ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_while_the_command_is_still_importing_ends_with_one_line_and_130(
+        tmp_path: Path, clean_env: dict[str, str], sig: signal.Signals) -> None:
+    # a command module whose import receives the signal, as a Ctrl-C in the first half second does
+    (tmp_path / "importing_command.py").write_text(
+        f"import os, signal\nos.kill(os.getpid(), signal.{sig.name})\n\ndef main():\n    return 0\n")
+    run = "import sys; from gym_collect.entry import _run; sys.exit(_run('cmd', 'importing_command'))"
+    proc = subprocess.run(
+        [sys.executable, "-c", run],
+        cwd=tmp_path, env={**clean_env, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert proc.stderr.strip() == f"cmd: interrupted ({sig.name}) before the run started" and not proc.stdout
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_during_start_up_ends_with_one_line_and_130(tmp_path: Path, clean_env: dict[str, str],
                                                             sig: signal.Signals) -> None:
     asked = threading.Event()
