@@ -80,7 +80,9 @@ def normalize_overrides(args: Sequence[str], schema: type = CollectConfig) -> li
             out.append(arg)
             continue
         if key not in valid and top not in open_:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            open_top = difflib.get_close_matches(top, open_, n=1, cutoff=0.75) if "." in key else []
+            close = [open_top[0] + key[len(top):]] if open_top else difflib.get_close_matches(key, valid, n=1,
+                                                                                              cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else "; see `collect_rollouts --help` for the keys"
             raise ConfigError(f"unknown config key {key!r} in {arg.split('=', 1)[0]!r}{hint}")
         if match["prefix"] == "+" or (match["prefix"] == "" and top in open_):
@@ -195,6 +197,9 @@ def hide_secrets(args: Sequence[str], environ: Mapping[str, str] = os.environ) -
         key_text = arg.split("=", 1)[0]
         if top in SECRET_KEYS:
             hidden.args.append(f"{key_text}={_hide_header_value(value, match['key'], hidden, environ)}")
+        elif isinstance(value, list):
+            raise ConfigError(f"{match['key']}: a server address is one URL, and agents a mapping NAME: URL (as in "
+                              "agents={math: 'http://127.0.0.1:8000'}), not a list; a comma sweeps (with -m)")
         else:
             hidden.args.append(f"{key_text}={_hide_url_value(value, hidden, environ)}")
     return hidden

@@ -250,3 +250,17 @@ def test_a_short_header_value_leaves_every_log_line_readable(tmp_path: Path, cle
     assert proc.returncode == 0, said
     assert "Rollouts: 11 written" in said and "<redacted>" not in said
     assert sim.stats.authorization_values == {"Bearer tok-123456"} and "tok-123456" not in said
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (["+header.Authorization=x"], "did you mean 'headers.Authorization'?"),
+    (["headrs.X-Key=1"], "did you mean 'headers.X-Key'?"),
+    (["agents=[a,b]"], "agents: a server address is one URL, and agents a mapping NAME: URL"),
+    (["agent_url=[http://127.0.0.1:9]"], "agent_url: a server address is one URL"),
+])
+def test_near_misses_of_mapping_keys_and_lists_for_addresses_are_named(args: list[str], said: str) -> None:
+    from gym_collect.overrides import hide_secrets
+
+    with pytest.raises(ConfigError) as caught:
+        hide_secrets(normalize_overrides(args))
+    assert said in str(caught.value)

@@ -635,6 +635,9 @@ async def test_an_empty_shard_is_not_an_error(tmp_path: Path, sim: SimAgent) -> 
     assert result.exit_code == EXIT_OK
     with pytest.raises(InputError, match="none in the selection"):
         await collect(config(inp, tmp_path / "b.jsonl", sim.url, start_idx=2))
+    with pytest.raises(InputError, match="none in the selection"):  # a refused run leaves no empty folders
+        await collect(config(inp, tmp_path / "new" / "sub" / "c.jsonl", sim.url, start_idx=2))
+    assert not (tmp_path / "new").exists()
 
 
 async def test_a_status_file_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(

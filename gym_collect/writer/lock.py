@@ -43,6 +43,7 @@ class OutputLock:
         self.path = path
         self.output = output
         self._fd = -1
+        self._made: list[Path] = []  # folders the lock file's creation made
 
     def __enter__(self) -> OutputLock:
         for _ in range(ATTEMPTS):
@@ -72,10 +73,16 @@ class OutputLock:
                 self.path.unlink()
             os.close(self._fd)
             self._fd = -1
+        for folder in self._made:  # a run refused before it wrote anything leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # fails, as it should, when the run put something there
+        self._made = []
 
     def _open(self) -> int:
         try:
+            missing = [f for f in (self.path.parent, *self.path.parent.parents) if not f.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = self._made or missing  # innermost first, as they are removed
             return os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot create the lock file ({exc.strerror}); check the folder") from exc
