@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 
 import orjson
 
@@ -437,8 +437,15 @@ def without_side_files(paths: Sequence[Path]) -> list[Path]:
     return kept
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line that names `--help`, not argparse's usage block followed by the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="merge_rollouts",
         description="Check that shard outputs hold every (task, rollout) exactly once (as a row or in "
                     "<stem>_failures.jsonl), then concatenate them in task order, with their failures and "

@@ -405,7 +405,7 @@ def check_shards(paths: Sequence[str | os.PathLike[str]], expected_tasks: range 
                           "materialized inputs list: these rows come from another run or input")
         elif kind == "task":
             errors.append(f"{codes[code]}: {_tasks_text(runs.normalized())} outside the expected "
-                          f"tasks {t_text} (set by --input/--num-tasks/--start-idx)")
+                          f"tasks {t_text} (from --input/--num-tasks/--start-idx, else the shards' manifests)")
         else:
             errors.append(f"{codes[code]}: rollout index >= --num-repeats {num_repeats} at "
                           f"{_tasks_text(runs.normalized())}")

@@ -632,3 +632,15 @@ def test_a_run_writing_the_output_refuses_the_merge(three: list[Path], tmp_path:
     with OutputLock(OutputPaths(out).lock, out), pytest.raises(OutputError, match="being written by another run"):
         merge_rollouts(three, out, overwrite=True)
     assert ids(out) == [(0, 0)]
+
+
+@pytest.mark.parametrize(("argv", "said"), [
+    ([], "the following arguments are required"),
+    (["-o", "m.jsonl", "a.jsonl", "--num-repeats", "0"], "--num-repeats must be >= 1"),
+])
+def test_a_usage_error_is_one_line(argv: list[str], said: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    err = capsys.readouterr().err
+    assert caught.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("merge_rollouts: error: ") and said in err and "(see merge_rollouts --help)" in err
