@@ -292,12 +292,13 @@ class Runner:
         what = f"task {request.task_index} rollout {request.rollout_index} failed after {attempts} attempt(s): {error}"
         if not self.record_failures:
             log.error("%s", what)
-            self.metrics.add_failure(request.agent_name, error.error_class)
+            self.metrics.add_failure(request.agent_name, str(collector_failure(error)[FAILURE_CLASS_KEY]))
             self.writer.finish(request, None)
             self.stop(f"{FAILURE_STOPS_RUN} ({what})", grace_s=0.0)
             return
         log.warning("%s", what)
-        self._record_failure(request, collector_failure(error), error.error_class)
+        record = collector_failure(error)  # counted by the class its record holds, as count_*_as_zero names it
+        self._record_failure(request, record, str(record[FAILURE_CLASS_KEY]))
 
     def _record_failure(self, request: RolloutRequest, record: dict[str, Any], failure_class: str) -> None:
         self.writer.finish(request, None, self._line(self._stamp(request, record)))
