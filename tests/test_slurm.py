@@ -68,14 +68,35 @@ def test_submit_script_runs_the_array_then_the_dependent_merge(tmp_path: Path, c
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
-        assert merge["options"]["dependency"] == f"afterok:{array['job_id']}"
+        assert merge["options"]["dependency"] == f"afterany:{array['job_id']}"
         done = wait_for_job(state, merge["job_id"])
     assert set(done["tasks"].values()) == {"COMPLETED"}, done  # type: ignore[union-attr]
     assert sorted(pairs(read_jsonl(tmp_path / "out" / "r.jsonl"))) == ALL_PAIRS
     assert (tmp_path / "out" / "r_metrics.json").exists()
 
 
-def test_a_failed_array_task_leaves_the_merge_unrun(tmp_path: Path, clean_env: dict[str, str]) -> None:
+def test_shards_with_failures_recorded_are_merged(tmp_path: Path, clean_env: dict[str, str]) -> None:
+    rows = [dict(r, agent_ref={"name": "bad" if i % 5 == 0 else "sim_agent"}) for i, r in enumerate(make_rows(ROWS))]
+    write_rows(tmp_path / "in.jsonl", rows)
+    state = tmp_path / "slurm_state"
+    with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim, \
+            SimAgentThread(SimAgentConfig(service_time_s=0.002, fail_status=400)) as bad:
+        proc = subprocess.run(
+            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl",
+             f"agents.sim_agent={sim.url}", f"agents.bad={bad.url}", "max_attempts=1"],
+            cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
+        shards = wait_for_job(state, array["job_id"])
+        done = wait_for_job(state, merge["job_id"])
+    assert set(shards["tasks"].values()) == {"FAILED"}  # type: ignore[union-attr]  # exit 3: some rollouts failed
+    assert set(done["tasks"].values()) == {"COMPLETED"}, done  # type: ignore[union-attr]
+    assert len(read_jsonl(tmp_path / "out" / "r.jsonl")) == ROWS * 4 // 5
+    assert len(read_jsonl(tmp_path / "out" / "r_failures.jsonl")) == ROWS // 5
+
+
+def test_a_stopped_array_task_leaves_the_merge_refused_and_nothing_written(tmp_path: Path,
+                                                                           clean_env: dict[str, str]) -> None:
     per_shard = ROWS // SHARDS
     rows = [dict(r, agent_ref={"name": "dead" if i // per_shard == 1 else "sim_agent"})
             for i, r in enumerate(make_rows(ROWS))]
@@ -90,10 +111,12 @@ def test_a_failed_array_task_leaves_the_merge_unrun(tmp_path: Path, clean_env: d
         array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
         wait_for_job(state, array["job_id"])
         done = wait_for_job(state, merge["job_id"])
-    assert done.get("reason") == "DependencyNeverSatisfied"
+    assert set(done["tasks"].values()) == {"FAILED"}, done  # type: ignore[union-attr]
     assert not (tmp_path / "out" / "r.jsonl").exists()
     log = (state / f"slurm-{array['job_id']}_1.out").read_text()
     assert "unreachable" in log and "Traceback" not in log
+    merged = (state / f"slurm-{merge['job_id']}.out").read_text()
+    assert "refused" in merged and "input rows 10-19 are in no shard" in merged, merged
 
 
 SUBMITIT_LIKE_JOB = """
