@@ -60,16 +60,21 @@ ConfigStore.instance().store(name=CONFIG_NAME, node={
 })
 
 
+TRUE_WORDS = ("true", "yes", "y", "on", "1")  # what OmegaConf reads as true for a bool field
+
+
 def dry_run_overrides(args: Sequence[str]) -> tuple[list[str], str | None]:
-    """With `dry_run=true`, Hydra's overrides that keep it from writing a run folder, saved configs or a log
-    file (a dry run writes nothing), and the temporary folder a multirun's job exit codes go to (the caller
-    removes it); else `([], None)`."""
+    """With `dry_run=true` (any spelling OmegaConf reads as true), Hydra's overrides that keep it from writing a
+    run folder, saved configs or a log file (a dry run writes nothing) and run every job here, in the foreground,
+    whatever launcher a preset names (a dry run submits nothing), and the temporary folder a multirun's job exit
+    codes go to (the caller removes it); else `([], None)`."""
     for arg in args:
         match = OVERRIDE.match(arg)
-        if match and match["key"] == "dry_run" and (match["rest"] or "").lower() in ("=true", "=1", "=yes"):
+        value = (match["rest"] or "")[1:].strip("'\"").lower() if match else ""
+        if match and match["key"] == "dry_run" and value in TRUE_WORDS:
             sweep_dir = tempfile.mkdtemp(prefix="gym_collect_dry_run_")
             return (["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={sweep_dir}",
-                     "hydra/job_logging=stdout"], sweep_dir)
+                     "hydra/job_logging=stdout", "hydra/launcher=basic"], sweep_dir)
     return [], None
 
 

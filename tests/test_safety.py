@@ -448,15 +448,18 @@ def test_dry_run_tells_what_resume_would_skip(tmp_path: Path, clean_env: dict[st
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
-def test_a_multirun_dry_run_merges_nothing_and_writes_nothing(tmp_path: Path, clean_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("dry_run", [["dry_run=true"], ["dry_run=on", "hydra/launcher=submitit_local"]])
+def test_a_multirun_dry_run_merges_nothing_submits_nothing_and_writes_nothing(
+        tmp_path: Path, clean_env: dict[str, str], dry_run: list[str]) -> None:
     write_rows(tmp_path / "in.jsonl", make_rows(6))
     with SimAgentThread() as sim:
         proc = subprocess.run([COLLECT, "-m", "input_jsonl_fpath=in.jsonl", "output_jsonl_fpath=o/r.jsonl",
-                               f"agent_url={sim.url}", "dry_run=true", "num_shards=2", "shard_id=range(2)"],
+                               f"agent_url={sim.url}", *dry_run, "num_shards=2", "shard_id=range(2)"],
                               cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
     code, output = proc.returncode, proc.stdout + proc.stderr
     assert code == EXIT_OK, output
     assert "Sweep ended with exit code 0" in output and "merged" not in output.lower()
+    assert output.count("Dry run: nothing is sent and nothing is written.") == 2  # each job's plan, here
     assert files_under(tmp_path) == ["in.jsonl"]
 
 
