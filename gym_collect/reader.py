@@ -462,11 +462,18 @@ def _dispatch_pass(rows: JsonlRows, builder: RequestBuilder, is_done: Callable[[
             count = builder.rollouts(key)
             stamps = builder.result_stamps(row.data) or None
             attempt_of = state.attempt_of
-            for r, agent, ref, body, attempt in builder.build(row.data, task, where, skip, first, key,
-                                                               attempt_of=attempt_of, materialize=state.materialize):
-                yield RolloutRequest(state.seq, task, r, ref, body, stamps=stamps,
-                                     route=agent if ref is None else None, attempt=attempt)
-                state.seq += 1
+            try:
+                for r, agent, ref, body, attempt in builder.build(row.data, task, where, skip, first, key,
+                                                                   attempt_of=attempt_of,
+                                                                   materialize=state.materialize):
+                    yield RolloutRequest(state.seq, task, r, ref, body, stamps=stamps,
+                                         route=agent if ref is None else None, attempt=attempt)
+                    state.seq += 1
+            except TypeError as exc:  # orjson reads 1024 levels of nesting but writes at most 255
+                if "Recursion limit" not in str(exc):
+                    raise
+                raise InputError(f"{where}: the row cannot be written as a request ({exc}: it is nested more than "
+                                 "255 levels deep); flatten it") from None
         state.max_rollout = max(state.max_rollout, first + count - 1)
         if indexer is not None:
             indexer.add_rollouts(task, count)

@@ -33,6 +33,7 @@ from gym_collect.deadline import DispatchDeadline
 from gym_collect.errors import AgentTimeoutError, GymCollectError, RolloutError
 from gym_collect.metrics import Progress, RunMetrics
 from gym_collect.nemo.failures import (
+    AGENT_RUN_ERROR,
     BAD_INPUT_ROW,
     FAILURE_CLASS_KEY,
     NO_PERSIST_KEY,
@@ -271,7 +272,16 @@ class Runner:
         if answer.get(FAILURE_CLASS_KEY):
             self._record_failure(request, answer, str(answer[FAILURE_CLASS_KEY]))
             return
-        self.writer.finish(request, self._line(self._stamp(request, answer)))
+        try:
+            line = self._line(self._stamp(request, answer))
+        except TypeError as exc:  # orjson writes at most 255 levels of nesting (it reads 1024)
+            if "Recursion limit" not in str(exc):
+                raise
+            self._record_failure(request, {FAILURE_CLASS_KEY: AGENT_RUN_ERROR, "_ng_failure_type": "TypeError",
+                                           "_ng_failure_message": f"the answer cannot be written as a line: {exc} "
+                                           "(nested more than 255 levels deep)"}, AGENT_RUN_ERROR)
+            return
+        self.writer.finish(request, line)
         self.metrics.add_success(request.agent_name, latency_s, answer)
 
     def _stamp(self, request: RolloutRequest, record: dict[str, Any]) -> dict[str, Any]:

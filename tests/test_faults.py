@@ -12,7 +12,7 @@ import pytest
 from aiohttp import web
 
 from gym_collect.collect import EXIT_FAILURES, EXIT_OK, EXIT_STOPPED, collect
-from gym_collect.errors import AgentUnavailableError, OutputError
+from gym_collect.errors import AgentUnavailableError, InputError, OutputError
 from gym_collect.sim_agent import SimAgent, SimAgentConfig
 from gym_collect.writer import LineFile
 from tests.conftest import config, make_rows, pairs, read_jsonl, write_rows
@@ -239,3 +239,33 @@ async def test_unwritable_output_folder_is_one_clear_error(tmp_path: Path, inp: 
     blocker.write_text("x")
     with pytest.raises(OutputError, match="cannot"):
         await collect(config(inp, blocker / "sub" / "out.jsonl", sim.url))
+
+
+DEEP = b'{"a": ' * 300 + b"{}" + b"}" * 300  # JSON nested 300 levels: orjson reads it, and writes at most 255
+
+
+async def test_an_answer_nested_too_deep_to_write_is_a_failure_and_the_run_goes_on(tmp_path: Path, inp: Path) -> None:
+    from tests.servers import LoopbackServer
+
+    async def deep_for_task_1(request: web.Request) -> web.Response:
+        row = await request.json()
+        body = b'{"reward": 1.0, "trace": ' + DEEP + b"}" if row["_ng_task_index"] == 1 else orjson.dumps(row)
+        return web.Response(body=body, content_type="application/json")
+
+    with LoopbackServer({"POST /run": deep_for_task_1}) as server:
+        result = await collect(config(inp, tmp_path / "out.jsonl", server.url, limit=3, max_attempts=1))
+    assert result.exit_code == EXIT_FAILURES
+    assert sorted(r["_ng_task_index"] for r in read_jsonl(tmp_path / "out.jsonl")) == [0, 2]
+    [record] = failures_of(tmp_path)
+    assert record["_ng_task_index"] == 1 and "nested more than 255 levels" in record["_ng_failure_message"]
+
+
+async def test_an_input_row_nested_too_deep_to_send_is_one_line_before_any_request(tmp_path: Path) -> None:
+    from tests.servers import LoopbackServer, echo_rollout
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(b'{"q": 0}\n{"q": 1, "deep": ' + DEEP + b"}\n")
+    with LoopbackServer({"POST /run": echo_rollout}) as server:
+        with pytest.raises(InputError, match=r"in\.jsonl:2: the row cannot be written.*255 levels"):
+            await collect(config(inp, tmp_path / "out.jsonl", server.url))
+        assert server.requests.get("POST /run", 0) == 0
