@@ -78,7 +78,7 @@ class DispatchDeadline:
         if left > self.margin_s():
             return False
         self._stopped = True
-        self.on_stop(f"{REASON}: {max(0.0, left):.0f} s left, margin {self.margin_s():.0f} s")
+        self.on_stop(f"{REASON}: {max(0.0, left):.0f} s left, margin {self.margin_s():.3g} s")
         return True
 
     def limit(self, requests: Iterator[T]) -> Iterator[T]:

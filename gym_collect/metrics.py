@@ -151,7 +151,7 @@ class RunMetrics:
             if self.latency.count else "Latency s: none measured (no rollout answered in this run)",
         ]
         for agent, by_field in snap["fields"].items():
-            means = ", ".join(f"{name}={stats['mean']:.4g}" for name, stats in sorted(by_field.items()))
+            means = ", ".join(f"{name}={_mean(stats['mean'])}" for name, stats in sorted(by_field.items()))
             lines.append(f"Means for {agent}: {means}")
         if self.masked:
             lines.append(f"Means exclude {self.masked} rollouts flagged mask_sample (they are in the output)")
@@ -248,3 +248,9 @@ class Progress:
                 status["done"], status["expected"], status["failed"], status["in_flight"],
                 status["rollouts_per_s_last_minute"], status["eta_s"],
             )
+
+
+def _mean(value: float) -> str:
+    """A mean for a summary line: four significant digits, but never an exponent for a number a person reads
+    whole (59999.5 is `59999.5`, not `6e+04`)."""
+    return f"{value:.4g}" if abs(value) < 1e4 or abs(value) >= 1e12 else f"{value:.1f}"

@@ -57,3 +57,10 @@ def test_a_run_that_measured_no_latency_says_so_instead_of_zeros() -> None:
     busy = RunMetrics(expected=4)
     busy.add_success("a", 0.25, {"reward": 1.0})
     assert any(line.startswith("Latency s: p50 0.25") for line in busy.summary_lines())
+
+
+def test_summary_means_are_read_whole_and_never_as_an_exponent_below_a_trillion() -> None:
+    from gym_collect.metrics import _mean
+
+    assert [_mean(v) for v in (59999.5, 0.70012, 434.94865, 12345678.25, -20000.0)] == [
+        "59999.5", "0.7001", "434.9", "12345678.2", "-20000.0"]
