@@ -34,15 +34,20 @@ def tune_parallelism() -> Any:
 
 
 def _run(prog: str, module: str) -> Any:
+    received: list[str] = []
+
     def interrupted(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
+        received.append(signal.Signals(signum).name)
+        raise KeyboardInterrupt(received[0])
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupted)
     try:
         main: Callable[[], Any] = importlib.import_module(module).main
-    except KeyboardInterrupt as exc:
-        print(f"{prog}: interrupted ({exc}) before the run started", file=sys.stderr)
+    except BaseException:  # a library may turn the interrupt into an error of its own (OmegaConf does)
+        if not received:
+            raise
+        print(f"{prog}: interrupted ({received[0]}) before the run started", file=sys.stderr)
         sys.exit(EXIT_INTERRUPTED)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # the command's own handling takes over from here
     for sig in (signal.SIGTERM, signal.SIGHUP):

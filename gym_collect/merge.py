@@ -308,7 +308,7 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     targets = (out, merged.failures, merged.metrics, merged.materialized_inputs, merged.aggregate_metrics,
                merged.lock)
     inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths))
-              for q in (s.output, s.failures, s.metrics, s.materialized_inputs)}
+              for q in (s.output, s.failures, s.metrics, s.materialized_inputs, s.manifest, s.status, s.lock)}
     inputs.update(Path(m["input_path"]).resolve() for p in paths if (m := _manifest_or_none(Path(p)))
                   and isinstance(m.get("input_path"), str))
     for target in targets:

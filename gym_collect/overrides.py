@@ -41,7 +41,8 @@ CONFIG_DIR_FLAGS = frozenset({"--config-dir", "-cd", "--config-path", "-cp"})
 OVERRIDE = re.compile(r"^(?P<prefix>\+{0,2}|~)(?P<key>[A-Za-z_][\w.\-/@]*)(?P<rest>=.*)?$", re.DOTALL)
 SECRET_ENV_PREFIX = "GYM_COLLECT_SECRET_"
 SECRET_KEYS = ("headers",)
-URL_KEYS = ("agent_url", "head_server_url", "agents")
+URL_KEYS = ("agent_url", "head_server_url", "agents", "head_server")
+ENV_DEFAULT = re.compile(r"\$\{oc\.env:(?P<name>[^,}]+),(?P<value>.*)\}", re.DOTALL)
 SECRET_ARG = re.compile(r"^[+~]*(?P<key>(?:headers|agent_url|head_server_url|agents)\b[\w.\-]*)")
 
 
@@ -195,6 +196,12 @@ def hide_secrets(args: Sequence[str], environ: Mapping[str, str] = os.environ) -
             continue
         value = override.value()
         key_text = arg.split("=", 1)[0]
+        if top in SECRET_KEYS and match["key"] == top and not isinstance(value, Mapping | None):
+            raise ConfigError(f"{top} is a mapping NAME: VALUE: pass {top}.NAME=VALUE, as in "
+                              "'+headers.Authorization=\"Bearer ...\"'")
+        if top == "head_server" and not (isinstance(value, str) and "@" in value):
+            hidden.args.append(arg)  # a host or a port: no userinfo to hide
+            continue
         if top in SECRET_KEYS:
             hidden.args.append(f"{key_text}={_hide_header_value(value, match['key'], hidden, environ)}")
         elif isinstance(value, list):
@@ -260,6 +267,11 @@ def _hide_literals(text: str, hidden: HiddenSecrets, environ: Mapping[str, str])
             literal = _new_reference(literal, hidden)
         if interpolation:
             _note_env_references(interpolation, hidden, environ)
+            if (default := ENV_DEFAULT.fullmatch(interpolation)) is not None and "${" not in default["value"]:
+                # `${oc.env:VAR,default}`: the default is as secret as the variable's value
+                value = default["value"].strip().strip("'\"")
+                interpolation = f"${{oc.env:{default['name']},{_new_reference(value, hidden)}}}" if value else \
+                    interpolation
         out.append(literal + interpolation)
     return "".join(out)
 

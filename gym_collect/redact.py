@@ -24,7 +24,7 @@ URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:/*")
 class Redactor:
     """Replaces every known secret in a text with `<redacted>`.
 
-    Each secret is matched as given, JSON-escaped and percent-encoded, and so is each whitespace-separated
+    Each secret is matched as given, JSON-escaped, percent-encoded and in base64, and so is each whitespace-separated
     part of at least `MIN_SECRET_PART` characters (the token of `Bearer <token>`), except the leading
     authentication scheme of a value of several parts (`Bearer`, RFC 9110 §11.4: a word, not a credential).
     A value shorter than that (`X-Tenant: 1`) is no credential and cannot be cut out of text without
@@ -38,7 +38,8 @@ class Redactor:
             if len(parts) > 1 and AUTH_SCHEME.fullmatch(parts[0]):
                 parts = parts[1:]
             for part in (secret, *(p for p in parts if len(p) >= MIN_SECRET_PART)):
-                forms.update({part, orjson.dumps(part).decode()[1:-1], quote(part, safe="")})
+                forms.update({part, orjson.dumps(part).decode()[1:-1], quote(part, safe=""),
+                              base64.b64encode(part.encode()).decode().rstrip("=")})
         ordered = sorted((f for f in forms if f), key=len, reverse=True)
         self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self._line_pattern = re.compile(b"|".join(re.escape(f.encode()) for f in ordered)) if ordered else None

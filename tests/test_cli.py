@@ -264,3 +264,31 @@ def test_near_misses_of_mapping_keys_and_lists_for_addresses_are_named(args: lis
     with pytest.raises(ConfigError) as caught:
         hide_secrets(normalize_overrides(args))
     assert said in str(caught.value)
+
+
+def test_a_literal_default_of_an_env_reference_is_hidden_and_still_sent(tmp_path: Path,
+                                                                        clean_env: dict[str, str]) -> None:
+    write_rows(tmp_path / "in.jsonl", make_rows(3))
+    with SimAgentThread(SimAgentConfig(service_time_s=0.0), agent_names=("my_agent",)) as sim:
+        proc = subprocess.run(
+            [COLLECT, "+agent_name=my_agent", "+input_jsonl_fpath=in.jsonl", "+output_jsonl_fpath=out/r.jsonl",
+             f"head_server_url={sim.url}", "progress=false",
+             "+headers.Authorization=${oc.env:UNSET_TOKEN_VAR,Bearer tok-default-9876}"],
+            cwd=tmp_path, env=clean_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sim.stats.authorization_values == {"Bearer tok-default-9876"}  # the default, resolved in the job
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert b"tok-default-9876" not in path.read_bytes(), path
+    assert "tok-default-9876" not in proc.stdout + proc.stderr
+
+
+def test_header_values_echoed_in_base64_are_redacted() -> None:
+    import base64
+
+    from gym_collect.redact import Redactor
+
+    token = "tok-4f9c2a77e1d0b8"
+    echoed = base64.b64encode(f"Bearer {token}".encode()).decode()
+    said = Redactor([f"Bearer {token}"])(f"saw {echoed}")
+    assert said.startswith("saw <redacted>") and echoed.rstrip("=") not in said

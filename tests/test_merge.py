@@ -617,7 +617,9 @@ def test_the_shards_input_and_a_link_to_a_shard_are_never_an_output(three: list[
         write_jsonl(shard_path.with_name(shard_path.stem + "_run.json"), [{**doc, "input_path": str(source)}])
     link = tmp_path / "link.jsonl"
     link.symlink_to(three[0].name)
-    for target in (source, link):
+    lock = OutputPaths(three[0]).lock
+    lock.touch()
+    for target in (source, link, lock):
         before = (source.read_bytes(), three[0].read_bytes())
         with pytest.raises(OutputError, match="would overwrite an input file"):
             merge_rollouts(three, target, overwrite=True)

@@ -48,6 +48,10 @@ def one_error_line(output: str) -> str:
     return errors[0]
 
 
+def files_with_content(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
 def files_under(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
@@ -97,6 +101,20 @@ async def test_the_input_reached_through_another_path_is_refused_too(tmp_path: P
     with pytest.raises(ConfigError, match="the input would be overwritten"):
         await collect(config(inp, out, sim.url, overwrite=True))
     assert inp.read_bytes() == before
+
+
+@pytest.mark.parametrize("suffix", ["_failures.jsonl", "_materialized_inputs.jsonl", "_run.lock"])
+async def test_an_output_that_is_another_runs_side_file_is_refused(tmp_path: Path, sim: SimAgent,
+                                                                     suffix: str) -> None:
+    inp = write_rows(tmp_path / "in.jsonl", make_rows(3))
+    assert (await collect(config(inp, tmp_path / "out.jsonl", sim.url))).exit_code == EXIT_OK
+    side = tmp_path / f"out{suffix}"
+    side.touch()
+    before = files_with_content(tmp_path)
+    for mode in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(ConfigError, match=r"is a side file of the run that writes .*out\.jsonl"):
+            await collect(config(inp, side, sim.url, **mode))
+    assert files_with_content(tmp_path) == before
 
 
 # One run owns an output ----------------------------------------------------------------------------------------
@@ -316,6 +334,19 @@ async def test_waiting_for_a_pooled_connection_is_not_counted_as_a_timeout(tmp_p
 
 
 # Signals in every phase ----------------------------------------------------------------------------------------
+
+def test_a_signal_an_import_turns_into_another_error_still_ends_with_one_line_and_130(
+        tmp_path: Path, clean_env: dict[str, str]) -> None:
+    # OmegaConf, interrupted while Hydra registers its configs, raises an AttributeError of its own
+    (tmp_path / "importing_command.py").write_text(
+        "import os, signal\ntry:\n    os.kill(os.getpid(), signal.SIGINT)\nexcept KeyboardInterrupt:\n"
+        "    raise AttributeError(\"'NoneType' object has no attribute '_invalidate_flags_cache'\")\n")
+    run = "import sys; from gym_collect.entry import _run; sys.exit(_run('cmd', 'importing_command'))"
+    proc = subprocess.run([sys.executable, "-c", run], cwd=tmp_path, env={**clean_env, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == EXIT_INTERRUPTED
+    assert proc.stderr.strip() == "cmd: interrupted (SIGINT) before the run started"
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_while_the_command_is_still_importing_ends_with_one_line_and_130(

@@ -102,6 +102,10 @@ def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
             f"{paths.output}: output_jsonl_fpath is a directory; pass a file path such as "
             f"{paths.output / 'rollouts.jsonl'}"
         )
+    owner = side_file_owner(paths.output)
+    if owner is not None:
+        raise ConfigError(f"{paths.output}: output_jsonl_fpath is a side file of the run that writes {owner}; "
+                          "choose another output_jsonl_fpath")
     for written in paths.written:
         kind = not_a_file(written)
         if kind is not None:
@@ -115,6 +119,21 @@ def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
                     f"{read}: the input would be overwritten: it is {which} of output {paths.output}; "
                     "choose another output_jsonl_fpath"
                 )
+
+
+SIDE_SUFFIXES = ("_failures.jsonl", "_materialized_inputs.jsonl", "_aggregate_metrics.json", "_metrics.json",
+                 "_run.json", "_status.json", "_run.lock")
+
+
+def side_file_owner(path: Path) -> Path | None:
+    """The output whose side file `path` is (`r_failures.jsonl` of `r.jsonl`...), when that run is there (its
+    manifest or its lock beside it); else None."""
+    for suffix in SIDE_SUFFIXES:
+        if path.name.endswith(suffix) and len(path.name) > len(suffix):
+            stem = path.name[: -len(suffix)]
+            if any((path.parent / (stem + mark)).exists() for mark in ("_run.json", "_run.lock")):
+                return path.with_name(stem + ".jsonl")
+    return None
 
 
 def not_a_file(path: Path) -> str | None:
