@@ -111,3 +111,42 @@ def _same_inode(fd: int, path: Path) -> bool:
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class FileLock:
+    """An exclusive, non-blocking `flock` on a file itself, held while the run writes it: a second run that
+    reaches the same file under another name (a hard link) is refused, which the lock file named after the
+    output cannot see. `hold()` (again after the file was replaced) raises `OutputLockedError` when another
+    process holds it; `release()` ends it. A file that does not exist is not locked."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+
+    def hold(self) -> None:
+        """Lock the file as it is now (nothing when it does not exist)."""
+        self.release()
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot open ({exc.strerror})") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+                raise OutputLockedError(
+                    f"{self.path} is being written by another run, under another name (a hard link to it); wait "
+                    "for that run to end, or choose another output_jsonl_fpath"
+                ) from None
+            raise OutputError(f"{self.path}: cannot lock ({exc.strerror})") from exc
+        self._fd = fd
+
+    def release(self) -> None:
+        """Unlock (and close) it."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+

@@ -27,7 +27,7 @@ from gym_collect.errors import OutputError
 from gym_collect.writer.atomic import replace_atomic, write_json_atomic
 from gym_collect.writer.done import DoneSet
 from gym_collect.writer.lines import LineFile, read_records, repair_torn_tail
-from gym_collect.writer.lock import OutputLock
+from gym_collect.writer.lock import FileLock, OutputLock
 from gym_collect.writer.paths import OutputPaths, check_output_folder, check_output_paths
 from gym_collect.writer.reorder import RolloutWriter
 
@@ -64,11 +64,17 @@ class RunOutputs:
         check_output_paths(paths, reads)
         check_output_folder(paths)
         self._lock = OutputLock(paths.lock, paths.output)
+        self._output_lock = FileLock(paths.output)  # the same file under another name (a hard link)
         self._files: list[LineFile] = []
         self._status_failed = False  # warned once until a write succeeds again
 
     def __enter__(self) -> RunOutputs:
         self._lock.__enter__()
+        try:
+            self._output_lock.hold()
+        except BaseException:
+            self._lock.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(
@@ -79,6 +85,7 @@ class RunOutputs:
                 f.__exit__(None, None, None)
             self._files.clear()
         finally:
+            self._output_lock.release()
             self._lock.__exit__(exc_type, exc, tb)
 
     def existing(self) -> list[Path]:
@@ -191,6 +198,7 @@ class RunOutputs:
         for f in (rollouts, failures):
             f.__enter__()
             self._files.append(f)
+        self._output_lock.hold()  # the file this run appends to, now that it exists
         return RolloutWriter(rollouts, failures, ordered=ordered, window=window)
 
     def write_status(self, status: dict[str, Any]) -> None:
