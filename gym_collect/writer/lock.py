@@ -124,7 +124,9 @@ class FileLock:
         self._fd = -1
 
     def hold(self) -> None:
-        """Lock the file as it is now (nothing when it does not exist)."""
+        """Lock the file as it is now (nothing when it does not exist); a file already held stays held."""
+        if self._fd >= 0 and _same_inode(self._fd, self.path):
+            return
         self.release()
         try:
             fd = os.open(self.path, os.O_RDONLY)
