@@ -270,8 +270,8 @@ def _hide_literals(text: str, hidden: HiddenSecrets, environ: Mapping[str, str])
             if (default := ENV_DEFAULT.fullmatch(interpolation)) is not None and "${" not in default["value"]:
                 # `${oc.env:VAR,default}`: the default is as secret as the variable's value
                 value = default["value"].strip().strip("'\"")
-                interpolation = f"${{oc.env:{default['name']},{_new_reference(value, hidden)}}}" if value else \
-                    interpolation
+                interpolation = interpolation if value.lower() in ("", "null", "~") else \
+                    f"${{oc.env:{default['name']},{_new_reference(value, hidden)}}}"
         out.append(literal + interpolation)
     return "".join(out)
 
