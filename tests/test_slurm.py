@@ -8,7 +8,9 @@ import json
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -57,20 +59,37 @@ def test_slurm_preset_generates_an_array_job_and_merges(tmp_path: Path, clean_en
     assert submission["options"]["array"] == "0-3%4"
 
 
+@dataclass
+class Submitted:
+    """What `scripts/slurm_submit.sh` submitted to the fake Slurm, and how its two jobs ended."""
+
+    array: dict[str, Any]
+    merge: dict[str, Any]
+    array_tasks: set[str]
+    merge_tasks: set[str]
+
+
+def submit_and_wait(tmp_path: Path, clean_env: dict[str, str], *overrides: str) -> Submitted:
+    """Run `slurm_submit.sh SHARDS out/r.jsonl input_jsonl_fpath=in.jsonl OVERRIDES` in `tmp_path` under the fake
+    Slurm and wait for both of its jobs to end."""
+    state = tmp_path / "slurm_state"
+    proc = subprocess.run(["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl", *overrides],
+                          cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
+    array_state, merge_state = wait_for_job(state, array["job_id"]), wait_for_job(state, merge["job_id"])
+    return Submitted(array, merge, set(array_state["tasks"].values()),  # type: ignore[union-attr]
+                     set(merge_state["tasks"].values()))  # type: ignore[union-attr]
+
+
 def test_submit_script_runs_the_array_then_the_dependent_merge(tmp_path: Path, clean_env: dict[str, str]) -> None:
     write_rows(tmp_path / "in.jsonl", make_rows(ROWS))
-    state = tmp_path / "slurm_state"
-    env = fake_slurm_env(clean_env, state)
     with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim:
-        proc = subprocess.run(
-            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl", "agent_name=sim_agent",
-             f"agent_url={sim.url}", f"num_repeats={REPEATS}"],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
-        assert merge["options"]["dependency"] == f"afterany:{array['job_id']}"
-        done = wait_for_job(state, merge["job_id"])
-    assert set(done["tasks"].values()) == {"COMPLETED"}, done  # type: ignore[union-attr]
+        jobs = submit_and_wait(tmp_path, clean_env, "agent_name=sim_agent", f"agent_url={sim.url}",
+                               f"num_repeats={REPEATS}")
+    assert jobs.merge["options"]["dependency"] == f"afterany:{jobs.array['job_id']}"
+    assert jobs.merge_tasks == {"COMPLETED"}
     assert sorted(pairs(read_jsonl(tmp_path / "out" / "r.jsonl"))) == ALL_PAIRS
     assert (tmp_path / "out" / "r_metrics.json").exists()
 
@@ -78,19 +97,12 @@ def test_submit_script_runs_the_array_then_the_dependent_merge(tmp_path: Path, c
 def test_shards_with_failures_recorded_are_merged(tmp_path: Path, clean_env: dict[str, str]) -> None:
     rows = [dict(r, agent_ref={"name": "bad" if i % 5 == 0 else "sim_agent"}) for i, r in enumerate(make_rows(ROWS))]
     write_rows(tmp_path / "in.jsonl", rows)
-    state = tmp_path / "slurm_state"
     with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim, \
             SimAgentThread(SimAgentConfig(service_time_s=0.002, fail_status=400)) as bad:
-        proc = subprocess.run(
-            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl",
-             f"agents.sim_agent={sim.url}", f"agents.bad={bad.url}", "max_attempts=1"],
-            cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
-        shards = wait_for_job(state, array["job_id"])
-        done = wait_for_job(state, merge["job_id"])
-    assert set(shards["tasks"].values()) == {"FAILED"}  # type: ignore[union-attr]  # exit 3: some rollouts failed
-    assert set(done["tasks"].values()) == {"COMPLETED"}, done  # type: ignore[union-attr]
+        jobs = submit_and_wait(tmp_path, clean_env, f"agents.sim_agent={sim.url}", f"agents.bad={bad.url}",
+                               "max_attempts=1")
+    assert jobs.array_tasks == {"FAILED"}  # exit 3: some rollouts failed for good, and are recorded
+    assert jobs.merge_tasks == {"COMPLETED"}
     assert len(read_jsonl(tmp_path / "out" / "r.jsonl")) == ROWS * 4 // 5
     assert len(read_jsonl(tmp_path / "out" / "r_failures.jsonl")) == ROWS // 5
 
@@ -101,21 +113,15 @@ def test_a_stopped_array_task_leaves_the_merge_refused_and_nothing_written(tmp_p
     rows = [dict(r, agent_ref={"name": "dead" if i // per_shard == 1 else "sim_agent"})
             for i, r in enumerate(make_rows(ROWS))]
     write_rows(tmp_path / "in.jsonl", rows)
-    state = tmp_path / "slurm_state"
     with SimAgentThread(SimAgentConfig(service_time_s=0.002)) as sim:
-        proc = subprocess.run(
-            ["bash", str(SUBMIT), str(SHARDS), "out/r.jsonl", "input_jsonl_fpath=in.jsonl",
-             f"agents.sim_agent={sim.url}", f"agents.dead=http://127.0.0.1:{closed_port()}", "connect_timeout_s=2"],
-            cwd=tmp_path, env=fake_slurm_env(clean_env, state), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        array, merge = (json.loads(line) for line in (state / "submissions.log").read_text().splitlines())
-        wait_for_job(state, array["job_id"])
-        done = wait_for_job(state, merge["job_id"])
-    assert set(done["tasks"].values()) == {"FAILED"}, done  # type: ignore[union-attr]
+        jobs = submit_and_wait(tmp_path, clean_env, f"agents.sim_agent={sim.url}",
+                               f"agents.dead=http://127.0.0.1:{closed_port()}", "connect_timeout_s=2")
+    assert jobs.merge_tasks == {"FAILED"}
     assert not (tmp_path / "out" / "r.jsonl").exists()
-    log = (state / f"slurm-{array['job_id']}_1.out").read_text()
+    state = tmp_path / "slurm_state"
+    log = (state / f"slurm-{jobs.array['job_id']}_1.out").read_text()
     assert "unreachable" in log and "Traceback" not in log
-    merged = (state / f"slurm-{merge['job_id']}.out").read_text()
+    merged = (state / f"slurm-{jobs.merge['job_id']}.out").read_text()
     assert "refused" in merged and "input rows 10-19 are in no shard" in merged, merged
 
 

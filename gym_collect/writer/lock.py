@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import socket
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -48,16 +49,9 @@ class OutputLock:
     def __enter__(self) -> OutputLock:
         for _ in range(ATTEMPTS):
             fd = self._open()
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                os.close(fd)
-                if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                    raise OutputLockedError(
-                        f"{self.output} is being written by another run ({self._holder()}); wait for it to end "
-                        "or stop it (a kill releases the lock), or choose another output_jsonl_fpath"
-                    ) from None
-                raise OutputError(f"{self.path}: cannot lock ({exc.strerror})") from exc
+            _lock_or_close(fd, self.path, lambda: (
+                f"{self.output} is being written by another run ({self._holder()}); wait for it to end or stop it "
+                "(a kill releases the lock), or choose another output_jsonl_fpath"))
             if _same_inode(fd, self.path):
                 self._fd = fd
                 self._write_holder()
@@ -105,6 +99,18 @@ class OutputLock:
             return f"see {self.path}"
 
 
+def _lock_or_close(fd: int, path: Path, held: Callable[[], str]) -> None:
+    """An exclusive, non-blocking `flock` on `fd`; on failure `fd` is closed and `OutputLockedError(held())` raised
+    when another process holds it, `OutputError` otherwise."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
+            raise OutputLockedError(held()) from None
+        raise OutputError(f"{path}: cannot lock ({exc.strerror})") from exc
+
+
 def _same_inode(fd: int, path: Path) -> bool:
     try:
         a, b = os.fstat(fd), path.stat()
@@ -134,16 +140,9 @@ class FileLock:
             return
         except OSError as exc:
             raise OutputError(f"{self.path}: cannot open ({exc.strerror})") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EACCES):
-                raise OutputLockedError(
-                    f"{self.path} is being written by another run, under another name (a hard link to it); wait "
-                    "for that run to end, or choose another output_jsonl_fpath"
-                ) from None
-            raise OutputError(f"{self.path}: cannot lock ({exc.strerror})") from exc
+        _lock_or_close(fd, self.path, lambda: (
+            f"{self.path} is being written by another run, under another name (a hard link to it); wait for that "
+            "run to end, or choose another output_jsonl_fpath"))
         self._fd = fd
 
     def release(self) -> None:
