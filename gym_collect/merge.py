@@ -51,6 +51,7 @@ from gym_collect.redact import url_secrets
 from gym_collect.shards import MergeRefused, ShardCheck, check_shards
 from gym_collect.stats import LatencyHistogram, NumericFieldStats
 from gym_collect.writer import OutputLock, OutputPaths, followed, not_a_file
+from gym_collect.writer.paths import SIDE_SUFFIXES
 
 __all__ = ["MergeAggregation", "MergeMismatch", "ShardPlan", "main", "merge_metrics", "merge_rollouts",
            "plan_from_manifests"]
@@ -307,8 +308,7 @@ def merge_rollouts(paths: Sequence[str | os.PathLike[str]], output: str | os.Pat
     merged = OutputPaths(out)
     targets = (out, merged.failures, merged.metrics, merged.materialized_inputs, merged.aggregate_metrics,
                merged.lock)
-    inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths))
-              for q in (s.output, s.failures, s.metrics, s.materialized_inputs, s.manifest, s.status, s.lock)}
+    inputs = {q.resolve() for s in map(OutputPaths, map(Path, paths)) for q in s.written}
     inputs.update(Path(m["input_path"]).resolve() for p in paths if (m := _manifest_or_none(Path(p)))
                   and isinstance(m.get("input_path"), str))
     for target in targets:
@@ -419,7 +419,7 @@ def _span(tasks: range) -> str:
     return f"{tasks.start}-{tasks.stop - 1}" if len(tasks) else "(none)"
 
 
-SIDE_FILE_SUFFIXES = ("_failures.jsonl", "_materialized_inputs.jsonl")  # side files a `*.jsonl` glob matches
+SIDE_FILE_SUFFIXES = tuple(s for s in SIDE_SUFFIXES if s.endswith(".jsonl"))  # side files a `*.jsonl` glob matches
 
 
 def without_side_files(paths: Sequence[Path]) -> list[Path]:

@@ -121,8 +121,8 @@ def check_output_paths(paths: OutputPaths, reads: list[Path]) -> None:
                 )
 
 
-SIDE_SUFFIXES = ("_failures.jsonl", "_materialized_inputs.jsonl", "_aggregate_metrics.json", "_metrics.json",
-                 "_run.json", "_status.json", "_run.lock")
+# what each side file adds to the output's stem (`r` -> `r_failures.jsonl`...), from `OutputPaths` itself
+SIDE_SUFFIXES = tuple(p.name[1:] for p in OutputPaths(Path("r.jsonl")).written[1:])
 
 
 def side_file_owner(path: Path) -> Path | None:
